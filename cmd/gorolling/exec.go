@@ -1,0 +1,217 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/gorolling/gorolling/master"
+	"github.com/gorolling/gorolling/upgrade"
+	"github.com/hashicorp/go-hclog"
+	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
+)
+
+// execOptions are the flags of "gorolling exec".
+type execOptions struct {
+	workers      int
+	readyTimeout time.Duration
+	drainTimeout time.Duration
+	stopSignal   string
+	pidFile      string
+	logLevel     string
+	logFormat    string
+}
+
+// execFlags defines the flags of "gorolling exec". The man page is
+// generated from the same definitions.
+func execFlags() (*pflag.FlagSet, *execOptions) {
+	o := &execOptions{}
+	fs := pflag.NewFlagSet("exec", pflag.ContinueOnError)
+	fs.SetInterspersed(false) // everything after PROGRAM belongs to it
+	fs.IntVarP(&o.workers, "workers", "w", runtime.NumCPU(), "number of worker processes per generation")
+	fs.DurationVar(&o.readyTimeout, "ready-timeout", 30*time.Second, "how long a new generation may take to become ready before the upgrade is rolled back")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long a draining worker may take to exit before it is killed")
+	fs.StringVar(&o.stopSignal, "stop-signal", "TERM", "signal sent to workers to make them drain (after the drain message)")
+	fs.StringVar(&o.pidFile, "pid-file", "", "write the master's pid to this file")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	return fs, o
+}
+
+func execUsage(w io.Writer, fs *pflag.FlagSet) {
+	fmt.Fprintf(w, `Usage: gorolling exec [flags] [--] PROGRAM [ARGS...]
+
+Starts a master that runs --workers copies of PROGRAM. Workers ask the master
+for listening sockets (Go programs through the worker package); the master
+opens each once and gives every worker a duplicate. SIGHUP starts a new
+generation from PROGRAM as it is on disk now, waits until every new worker is
+ready, then drains the old generation. TERM or INT drains everything and
+exits 0.
+
+Flags:
+%s`, fs.FlagUsages())
+}
+
+func parseSignal(s string) (syscall.Signal, error) {
+	if n, err := strconv.Atoi(s); err == nil {
+		if n <= 0 || n > 64 {
+			return 0, fmt.Errorf("signal number %d out of range", n)
+		}
+		return syscall.Signal(n), nil
+	}
+	name := strings.ToUpper(s)
+	if !strings.HasPrefix(name, "SIG") {
+		name = "SIG" + name
+	}
+	if sig := unix.SignalNum(name); sig != 0 {
+		return sig, nil
+	}
+	return 0, fmt.Errorf("unknown signal %q", s)
+}
+
+func newLogger(level, format string, out io.Writer) (hclog.Logger, error) {
+	lvl := hclog.LevelFromString(level)
+	if lvl == hclog.NoLevel {
+		return nil, fmt.Errorf("unknown log level %q (want trace, debug, info, warn or error)", level)
+	}
+	var json bool
+	switch format {
+	case "text":
+	case "json":
+		json = true
+	default:
+		return nil, fmt.Errorf("unknown log format %q (want text or json)", format)
+	}
+	return hclog.New(&hclog.LoggerOptions{
+		Name:       "gorolling",
+		Level:      lvl,
+		JSONFormat: json,
+		Output:     out,
+		TimeFormat: "2006-01-02T15:04:05.000Z07:00",
+	}), nil
+}
+
+func runExec(args []string, stdout, stderr io.Writer) int {
+	fs, o := execFlags()
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			execUsage(stdout, fs)
+			return 0
+		}
+		fmt.Fprintf(stderr, "gorolling exec: %v\nRun 'gorolling help exec' for usage.\n", err)
+		return 2
+	}
+	if fs.NArg() == 0 {
+		fmt.Fprintf(stderr, "gorolling exec: no program given\nRun 'gorolling help exec' for usage.\n")
+		return 2
+	}
+	fail := func(format string, a ...any) int {
+		fmt.Fprintf(stderr, "gorolling exec: "+format+"\n", a...)
+		return 2
+	}
+	if o.workers < 1 {
+		return fail("--workers must be at least 1, got %d", o.workers)
+	}
+	if o.readyTimeout <= 0 {
+		return fail("--ready-timeout must be positive, got %s", o.readyTimeout)
+	}
+	if o.drainTimeout <= 0 {
+		return fail("--drain-timeout must be positive, got %s", o.drainTimeout)
+	}
+	stopSig, err := parseSignal(o.stopSignal)
+	if err != nil {
+		return fail("--stop-signal: %v", err)
+	}
+	root, err := newLogger(o.logLevel, o.logFormat, stderr)
+	if err != nil {
+		return fail("%v", err)
+	}
+	log := root.Named("master")
+
+	var inh []master.InheritedFD
+	for _, fd := range inherited {
+		inh = append(inh, master.InheritedFD{FD: fd})
+	}
+	m, err := master.New(master.Config{
+		Program:      fs.Arg(0),
+		Args:         fs.Args()[1:],
+		Workers:      o.workers,
+		ReadyTimeout: o.readyTimeout,
+		DrainTimeout: o.drainTimeout,
+		StopSignal:   stopSig,
+		Logger:       log,
+		Inherited:    inh,
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling: %v\n", err)
+		return 1
+	}
+	if o.pidFile != "" {
+		if err := writePIDFile(o.pidFile); err != nil {
+			fmt.Fprintf(stderr, "gorolling: pid file: %v\n", err)
+			return 1
+		}
+		defer removePIDFile(o.pidFile)
+	}
+	up := upgrade.New(m, upgrade.Config{
+		ReadyTimeout: o.readyTimeout,
+		DrainTimeout: o.drainTimeout,
+		Logger:       root.Named("upgrade"),
+	})
+	log.Info("master starting", "pid", os.Getpid(), "version", Version(), "program", fs.Arg(0), "workers", o.workers)
+	err = m.Run(master.Hooks{
+		Start: func() error {
+			_, err := up.Start()
+			return err
+		},
+		Upgrade:  func() { up.Trigger() },
+		Stopping: up.Stop,
+	})
+	up.Stop()
+	up.Wait()
+	if err != nil {
+		log.Error("first generation failed", "error", err)
+		fmt.Fprintf(stderr, "gorolling: cannot start %s: %v\n", fs.Arg(0), err)
+		return 1
+	}
+	return 0
+}
+
+// writePIDFile writes the pid atomically (temp file, then rename).
+func writePIDFile(path string) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, ".gorolling-pid-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := fmt.Fprintf(f, "%d\n", os.Getpid()); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}
+
+// removePIDFile removes the pid file if it still names this process.
+func removePIDFile(path string) {
+	b, err := os.ReadFile(path)
+	if err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
+		os.Remove(path)
+	}
+}

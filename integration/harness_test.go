@@ -1,0 +1,467 @@
+package integration
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// bin holds the binaries TestMain builds: gorolling, example-server,
+// testworker.
+var bin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "gorolling-it-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	bin = dir
+	build := exec.Command("go", "build", "-o", dir+"/", "../cmd/gorolling", "../cmd/example-server", "./testworker")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "build:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func binPath(name string) string { return filepath.Join(bin, name) }
+
+// entry is one JSON log line of the master.
+type entry map[string]any
+
+func (e entry) msg() string   { s, _ := e["@message"].(string); return s }
+func (e entry) level() string { s, _ := e["@level"].(string); return s }
+func (e entry) str(k string) string {
+	switch v := e[k].(type) {
+	case string:
+		return v
+	case nil:
+		return ""
+	default:
+		return fmt.Sprint(v)
+	}
+}
+func (e entry) num(k string) int {
+	switch v := e[k].(type) {
+	case float64:
+		return int(v)
+	case string:
+		n, _ := strconv.Atoi(v)
+		return n
+	}
+	return -1
+}
+
+// proc is a gorolling master started by a test.
+type proc struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	pid    int
+	mu     sync.Mutex
+	logs   []entry
+	lines  []string
+	stdout bytes.Buffer
+	wake   chan struct{}
+	done   chan struct{}
+	state  *os.ProcessState
+}
+
+type masterOpts struct {
+	args  []string // gorolling arguments after "exec"
+	dir   string
+	env   []string
+	files []*os.File // become fds 3, 4, ...
+}
+
+// startMaster runs "gorolling exec --log-format json --log-level debug ARGS".
+// Cleanup stops it (and, if it misbehaved, the workers it logged) by pid.
+func startMaster(t *testing.T, o masterOpts) *proc {
+	t.Helper()
+	args := append([]string{"exec", "--log-format", "json", "--log-level", "debug"}, o.args...)
+	cmd := exec.Command(binPath("gorolling"), args...)
+	cmd.Dir = o.dir
+	cmd.Env = append(os.Environ(), o.env...)
+	cmd.ExtraFiles = o.files
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	p := &proc{t: t, cmd: cmd, wake: make(chan struct{}), done: make(chan struct{})}
+	cmd.Stdout = &lockedWriter{mu: &p.mu, w: &p.stdout}
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p.pid = cmd.Process.Pid
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			line := sc.Text()
+			var e entry
+			p.mu.Lock()
+			p.lines = append(p.lines, line)
+			if json.Unmarshal([]byte(line), &e) == nil {
+				p.logs = append(p.logs, e)
+			}
+			close(p.wake)
+			p.wake = make(chan struct{})
+			p.mu.Unlock()
+		}
+	}()
+	go func() {
+		<-readDone
+		cmd.Wait()
+		p.mu.Lock()
+		p.state = cmd.ProcessState
+		close(p.wake)
+		p.wake = make(chan struct{})
+		p.mu.Unlock()
+		close(p.done)
+	}()
+	t.Cleanup(func() {
+		p.cleanup()
+		if t.Failed() {
+			p.dump()
+		}
+	})
+	return p
+}
+
+type lockedWriter struct {
+	mu *sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
+}
+
+func (p *proc) dump() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	lines := p.lines
+	if len(lines) > 300 {
+		lines = lines[len(lines)-300:]
+	}
+	p.t.Logf("master log (last %d lines):\n%s", len(lines), strings.Join(lines, "\n"))
+	if p.stdout.Len() > 0 {
+		out := p.stdout.String()
+		if len(out) > 4000 {
+			out = out[len(out)-4000:]
+		}
+		p.t.Logf("workers' stdout:\n%s", out)
+	}
+}
+
+// cleanup stops the master if it still runs, then kills any worker it
+// started that survived (only pids the master logged, and only if they
+// still run one of our binaries).
+func (p *proc) cleanup() {
+	select {
+	case <-p.done:
+	default:
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(15 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+	}
+	for _, pid := range p.allWorkerPIDs() {
+		if ours(pid) {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// ours reports whether pid is alive and runs a binary from our build dir
+// or a test's temp dir.
+func ours(pid int) bool {
+	exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	if err != nil {
+		return false
+	}
+	return strings.HasPrefix(exe, bin) || strings.HasPrefix(exe, os.TempDir())
+}
+
+func (p *proc) entries() []entry {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]entry(nil), p.logs...)
+}
+
+// waitLog waits until some log entry at index >= from satisfies pred and
+// returns it with its index.
+func (p *proc) waitLog(timeout time.Duration, from int, what string, pred func(entry) bool) (entry, int) {
+	p.t.Helper()
+	deadline := time.After(timeout)
+	i := from
+	for {
+		p.mu.Lock()
+		for ; i < len(p.logs); i++ {
+			if pred(p.logs[i]) {
+				e := p.logs[i]
+				p.mu.Unlock()
+				return e, i
+			}
+		}
+		wake := p.wake
+		exited := p.state != nil
+		p.mu.Unlock()
+		if exited {
+			p.t.Fatalf("master exited while waiting for %s", what)
+		}
+		select {
+		case <-wake:
+		case <-deadline:
+			p.t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+	}
+}
+
+func isMsg(m string) func(entry) bool { return func(e entry) bool { return e.msg() == m } }
+
+func (p *proc) count(pred func(entry) bool) int {
+	n := 0
+	for _, e := range p.entries() {
+		if pred(e) {
+			n++
+		}
+	}
+	return n
+}
+
+// waitServing waits for the first generation to serve.
+func (p *proc) waitServing() {
+	p.t.Helper()
+	p.waitLog(30*time.Second, 0, "the first generation to serve", isMsg("generation serving"))
+}
+
+// workerPIDs returns the pids of every worker the master started in gen.
+func (p *proc) workerPIDs(gen int) []int {
+	var out []int
+	for _, e := range p.entries() {
+		if e.msg() == "worker online" && e.num("generation") == gen {
+			out = append(out, e.num("pid"))
+		}
+	}
+	return out
+}
+
+func (p *proc) allWorkerPIDs() []int {
+	var out []int
+	for _, e := range p.entries() {
+		if e.msg() == "worker online" {
+			out = append(out, e.num("pid"))
+		}
+	}
+	return out
+}
+
+// listenAddr returns the address of the first socket the master handed out
+// for key (as logged at debug level).
+func (p *proc) listenAddr(timeout time.Duration) string {
+	p.t.Helper()
+	e, _ := p.waitLog(timeout, 0, "a listener", isMsg("listener handed over"))
+	return e.str("addr")
+}
+
+func (p *proc) signal(sig syscall.Signal) {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		p.t.Fatalf("signal master: %v", err)
+	}
+}
+
+// upgrade sends SIGHUP and waits for the upgrade to finish; it returns the
+// new generation.
+func (p *proc) upgrade(timeout time.Duration) int {
+	p.t.Helper()
+	from := len(p.entries())
+	p.signal(syscall.SIGHUP)
+	e, _ := p.waitLog(timeout, from, "an upgrade to finish", func(e entry) bool {
+		return e.msg() == "upgrade finished" || e.msg() == "upgrade rolled back"
+	})
+	if e.msg() != "upgrade finished" {
+		p.t.Fatalf("upgrade rolled back: %s", e.str("reason"))
+	}
+	return e.num("generation")
+}
+
+// wait waits for the master to exit and returns its exit code.
+func (p *proc) wait(timeout time.Duration) int {
+	p.t.Helper()
+	select {
+	case <-p.done:
+	case <-time.After(timeout):
+		p.t.Fatalf("master still running after %s", timeout)
+	}
+	return p.state.ExitCode()
+}
+
+// fdCount returns how many descriptors pid has open.
+func fdCount(t *testing.T, pid int) int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+// blockingSockets lists pid's socket descriptors that lack O_NONBLOCK.
+func blockingSockets(t *testing.T, pid int) []int {
+	t.Helper()
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []int
+	for _, e := range ents {
+		link, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		if err != nil || !strings.HasPrefix(link, "socket:") {
+			continue
+		}
+		info, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, e.Name()))
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(info), "\n") {
+			if v, ok := strings.CutPrefix(line, "flags:"); ok {
+				flags, _ := strconv.ParseInt(strings.TrimSpace(v), 8, 64)
+				if flags&syscall.O_NONBLOCK == 0 {
+					n, _ := strconv.Atoi(e.Name())
+					out = append(out, n)
+				}
+			}
+		}
+	}
+	return out
+}
+
+func alive(pid int) bool {
+	if err := syscall.Kill(pid, 0); err != nil {
+		return false
+	}
+	// A zombie is not alive for our purposes.
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z'
+	}
+	return true
+}
+
+// children returns the pids whose parent is pid.
+func children(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n))
+		if err != nil {
+			continue
+		}
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) > 2 {
+			if pp, _ := strconv.Atoi(f[1]); pp == pid {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
+}
+
+// twReport is one line of a testworker report.
+type twReport struct {
+	PID   int    `json:"pid"`
+	Slot  int    `json:"slot"`
+	ID    int    `json:"id"`
+	Gen   int    `json:"gen"`
+	Op    string `json:"op"`
+	Arg   string `json:"arg"`
+	Addr  string `json:"addr"`
+	Err   string `json:"err"`
+	Errno string `json:"errno"`
+	FDs   []int  `json:"fds"`
+	Env   string `json:"env"`
+}
+
+func readReports(t *testing.T, path string) []twReport {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var out []twReport
+	for _, line := range strings.Split(string(b), "\n") {
+		if line == "" {
+			continue
+		}
+		var r twReport
+		if err := json.Unmarshal([]byte(line), &r); err != nil {
+			t.Fatalf("bad report line %q: %v", line, err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// waitReports waits until pred holds for the reports so far.
+func waitReports(t *testing.T, path string, timeout time.Duration, what string, pred func([]twReport) bool) []twReport {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		rs := readReports(t, path)
+		if pred(rs) {
+			return rs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s; reports: %+v", what, rs)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func opsOf(rs []twReport, op string, gen int) []twReport {
+	var out []twReport
+	for _, r := range rs {
+		if r.Op == op && (gen == 0 || r.Gen == gen) {
+			out = append(out, r)
+		}
+	}
+	return out
+}

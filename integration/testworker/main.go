@@ -1,0 +1,266 @@
+// Command testworker is a scriptable worker for the integration tests. It
+// runs the operations in $TW_SCRIPT (separated by ';') and appends one JSON
+// line per operation to the file $TW_REPORT, then serves HTTP on every
+// stream listener it got and echoes on every packet socket, until drained.
+//
+// Operations (a "slotN:", "idN:" or "genN:" prefix limits one to that
+// slot, worker id or generation):
+//
+//	listen NET ADDR         worker.Listen
+//	listenpacket NET ADDR   worker.ListenPacket
+//	listenfd N              worker.ListenFD
+//	listenpacketfd N        worker.ListenPacketFD
+//	exclusive NET ADDR      worker.ListenConfig{Exclusive: true}.Listen
+//	own NET ADDR            net.Listen directly (a listener the worker holds)
+//	noready                 do not call worker.Ready
+//	crash                   exit 3 at once
+//	sleep DURATION          sleep
+//	raw TEXT                send TEXT as one raw record on the handoff fd
+//	rawfd TEXT              the same, with three descriptors attached
+//	rawmanyfd TEXT          the same, with 64 descriptors (overflows the master's buffer)
+//	flood N                 send N valid "ready" records as fast as possible
+//	closeall                close every listener (after reporting)
+//	relisten NET ADDR       close the last listener, then listen again
+//
+// At start it reports the descriptors it inherited (op "fds").
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/gorolling/gorolling/worker"
+)
+
+// startFDs is evaluated before main runs, before the runtime or any package
+// has reason to open a descriptor: exactly what the master gave us.
+var startFDs = func() []int {
+	var fds []int
+	for fd := 0; fd < 1024; fd++ {
+		if _, _, e := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0); e == 0 {
+			fds = append(fds, fd)
+		}
+	}
+	return fds
+}()
+
+type report struct {
+	PID   int    `json:"pid"`
+	Slot  int    `json:"slot"`
+	ID    int    `json:"id"`
+	Gen   int    `json:"gen"`
+	Op    string `json:"op"`
+	Arg   string `json:"arg,omitempty"`
+	Addr  string `json:"addr,omitempty"`
+	Err   string `json:"err,omitempty"`
+	Errno string `json:"errno,omitempty"`
+	FDs   []int  `json:"fds,omitempty"`
+	// Env is GOROLLING_FD as seen at start.
+	Env string `json:"env,omitempty"`
+}
+
+var reportFile *os.File
+
+func emit(r report) {
+	r.PID, r.Slot, r.ID, r.Gen = os.Getpid(), worker.Slot(), worker.ID(), worker.Generation()
+	b, _ := json.Marshal(r)
+	if reportFile != nil {
+		reportFile.Write(append(b, '\n'))
+	}
+}
+
+func errnoName(err error) string {
+	for _, e := range []syscall.Errno{syscall.EADDRINUSE, syscall.EACCES, syscall.EBADF, syscall.EINVAL, syscall.EPROTOTYPE, syscall.EADDRNOTAVAIL} {
+		if errors.Is(err, e) {
+			return strconv.Itoa(int(e))
+		}
+	}
+	return ""
+}
+
+func main() {
+	if p := os.Getenv("TW_REPORT"); p != "" {
+		f, err := os.OpenFile(p, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "testworker:", err)
+			os.Exit(2)
+		}
+		reportFile = f
+	}
+	emit(report{Op: "fds", FDs: startFDs, Env: os.Getenv("GOROLLING_FD")})
+
+	var listeners []net.Listener
+	var packets []net.PacketConn
+	ready := true
+	for _, op := range strings.Split(os.Getenv("TW_SCRIPT"), ";") {
+		op = strings.TrimSpace(op)
+		if op == "" {
+			continue
+		}
+		if pfx, rest, ok := strings.Cut(op, ":"); ok && !strings.Contains(pfx, " ") {
+			if !matches(pfx) {
+				continue
+			}
+			op = strings.TrimSpace(rest)
+		}
+		f := strings.Fields(op)
+		name, args := f[0], f[1:]
+		arg := strings.Join(args, " ")
+		r := report{Op: name, Arg: arg}
+		switch name {
+		case "listen", "exclusive", "own", "relisten":
+			var l net.Listener
+			var err error
+			switch name {
+			case "listen":
+				l, err = worker.Listen(args[0], args[1])
+			case "relisten":
+				if n := len(listeners); n > 0 {
+					listeners[n-1].Close()
+					listeners = listeners[:n-1]
+				}
+				l, err = worker.Listen(args[0], args[1])
+			case "exclusive":
+				lc := worker.ListenConfig{Exclusive: true}
+				l, err = lc.Listen(context.Background(), args[0], args[1])
+			case "own":
+				l, err = net.Listen(args[0], args[1])
+			}
+			if err != nil {
+				r.Err, r.Errno = err.Error(), errnoName(err)
+			} else {
+				r.Addr = l.Addr().String()
+				listeners = append(listeners, l)
+			}
+		case "listenpacket":
+			pc, err := worker.ListenPacket(args[0], args[1])
+			if err != nil {
+				r.Err, r.Errno = err.Error(), errnoName(err)
+			} else {
+				r.Addr = pc.LocalAddr().String()
+				packets = append(packets, pc)
+			}
+		case "listenfd":
+			n, _ := strconv.Atoi(args[0])
+			l, err := worker.ListenFD(n)
+			if err != nil {
+				r.Err, r.Errno = err.Error(), errnoName(err)
+			} else {
+				r.Addr = l.Addr().String()
+				listeners = append(listeners, l)
+			}
+		case "listenpacketfd":
+			n, _ := strconv.Atoi(args[0])
+			pc, err := worker.ListenPacketFD(n)
+			if err != nil {
+				r.Err, r.Errno = err.Error(), errnoName(err)
+			} else {
+				r.Addr = pc.LocalAddr().String()
+				packets = append(packets, pc)
+			}
+		case "noready":
+			ready = false
+		case "crash":
+			emit(r)
+			os.Exit(3)
+		case "sleep":
+			d, _ := time.ParseDuration(arg)
+			time.Sleep(d)
+		case "raw":
+			r.Err = sendRaw(arg, 0)
+		case "rawfd":
+			r.Err = sendRaw(arg, 3)
+		case "rawmanyfd":
+			r.Err = sendRaw(arg, 64)
+		case "flood":
+			n, _ := strconv.Atoi(arg)
+			for i := 0; i < n; i++ {
+				if e := sendRaw(fmt.Sprintf(`{"v":1,"type":"ready","seq":%d}`, i+1), 0); e != "" {
+					r.Err = e
+					break
+				}
+			}
+		case "closeall":
+			for _, l := range listeners {
+				l.Close()
+			}
+			listeners = nil
+		default:
+			r.Err = "unknown op"
+		}
+		emit(r)
+	}
+
+	for _, pc := range packets {
+		go echo(pc)
+	}
+	if len(listeners) == 0 {
+		if ready {
+			worker.Ready()
+		}
+		<-worker.Draining()
+		return
+	}
+	pid := strconv.Itoa(os.Getpid())
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Pid", pid)
+		w.Header().Set("X-Generation", strconv.Itoa(worker.Generation()))
+		w.Header().Set("X-Slot", strconv.Itoa(worker.Slot()))
+		fmt.Fprintf(w, "pid=%s local=%s\n", pid, r.Context().Value(http.LocalAddrContextKey))
+	})}
+	if err := worker.ServeHTTPWith(srv, worker.HTTPOptions{NoReady: !ready, Grace: 300 * time.Millisecond}, listeners...); err != nil {
+		fmt.Fprintln(os.Stderr, "testworker: serve:", err)
+		os.Exit(1)
+	}
+}
+
+func matches(pfx string) bool {
+	for _, c := range []struct {
+		name string
+		v    int
+	}{{"slot", worker.Slot()}, {"id", worker.ID()}, {"gen", worker.Generation()}} {
+		if n, ok := strings.CutPrefix(pfx, c.name); ok {
+			want, err := strconv.Atoi(n)
+			return err == nil && want == c.v
+		}
+	}
+	return false
+}
+
+func echo(pc net.PacketConn) {
+	buf := make([]byte, 2048)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		msg := fmt.Sprintf("pid=%d got=%s", os.Getpid(), buf[:n])
+		pc.WriteTo([]byte(msg), from)
+	}
+}
+
+// sendRaw writes one record straight onto the handoff channel, bypassing
+// the worker package.
+func sendRaw(text string, nfds int) string {
+	fd, err := strconv.Atoi(os.Getenv("GOROLLING_FD"))
+	if err != nil {
+		return "no GOROLLING_FD"
+	}
+	var oob []byte
+	if nfds > 0 {
+		oob = syscall.UnixRights(make([]int, nfds)...) // stdin, nfds times
+	}
+	if err := syscall.Sendmsg(fd, []byte(text), oob, nil, 0); err != nil {
+		return err.Error()
+	}
+	return ""
+}

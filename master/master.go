@@ -1,0 +1,424 @@
+package master
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// Config configures a Master.
+type Config struct {
+	// Program is the program to run, as the user gave it: a path, or a
+	// name looked up in PATH. It is resolved again at every generation.
+	Program string
+	// Args are the program's arguments (without the program itself).
+	Args []string
+	// Dir is the workers' working directory; empty means the master's.
+	Dir string
+	// Env is the base environment for workers; nil means os.Environ().
+	// WorkerEnv filters it.
+	Env []string
+	// Workers is the number of workers per generation (at least 1).
+	Workers int
+	// ReadyTimeout bounds how long a new generation may take to be ready.
+	ReadyTimeout time.Duration
+	// DrainTimeout bounds how long a draining worker may take to exit
+	// before it is SIGKILLed.
+	DrainTimeout time.Duration
+	// StopSignal is sent to draining workers (after the drain message).
+	StopSignal syscall.Signal
+	// Logger receives the master's logs; nil means no logs.
+	Logger hclog.Logger
+	// Stdout and Stderr are the workers' output; nil means the master's.
+	Stdout, Stderr *os.File
+	// Inherited are socket descriptors the master inherited (from systemd
+	// or a shell) that workers may ask for with ListenFD. The registry
+	// takes them over.
+	Inherited []InheritedFD
+}
+
+// InheritedFD is one inherited socket and its name, if it has one.
+type InheritedFD struct {
+	FD   int
+	Name string
+}
+
+// Master supervises generations of workers and owns the listener registry.
+// Create one with New; its methods are safe for concurrent use.
+type Master struct {
+	cfg     Config
+	log     hclog.Logger
+	reg     *Registry
+	spawner *spawner
+	started time.Time
+
+	// preopened sockets are passed to every worker as fds 3..3+L-1.
+	preopened []*Socket
+
+	mu       sync.Mutex
+	changed  chan struct{}
+	gens     []*Generation // live generations, oldest first
+	serving  *Generation
+	lastGen  int
+	nextID   int
+	workers  int
+	stopping bool
+	stopped  chan struct{}
+}
+
+// Errors from New.
+var (
+	// ErrNoProgram is returned when Config.Program is empty.
+	ErrNoProgram = errors.New("master: no program to run")
+)
+
+// New checks cfg, adopts the inherited sockets and returns a master with no
+// workers yet. Start the first generation with StartGeneration (the upgrade
+// package does), then call Run.
+func New(cfg Config) (*Master, error) {
+	if cfg.Program == "" {
+		return nil, ErrNoProgram
+	}
+	if cfg.Workers < 1 {
+		return nil, fmt.Errorf("master: workers must be at least 1, got %d", cfg.Workers)
+	}
+	if cfg.ReadyTimeout <= 0 || cfg.DrainTimeout <= 0 {
+		return nil, errors.New("master: ready and drain timeouts must be positive")
+	}
+	if cfg.StopSignal == 0 {
+		cfg.StopSignal = syscall.SIGTERM
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	if cfg.Env == nil {
+		cfg.Env = os.Environ()
+	}
+	if cfg.Stdout == nil {
+		cfg.Stdout = os.Stdout
+	}
+	if cfg.Stderr == nil {
+		cfg.Stderr = os.Stderr
+	}
+	if cfg.Dir == "" {
+		wd, err := os.Getwd()
+		if err != nil {
+			return nil, fmt.Errorf("master: working directory: %w", err)
+		}
+		cfg.Dir = wd
+	}
+	m := &Master{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		reg:     NewRegistry(),
+		spawner: newSpawner(),
+		started: time.Now(),
+		changed: make(chan struct{}),
+		workers: cfg.Workers,
+		stopped: make(chan struct{}),
+	}
+	for _, in := range cfg.Inherited {
+		s, err := m.reg.Adopt(in.FD, in.Name)
+		if err != nil {
+			return nil, fmt.Errorf("master: %w", err)
+		}
+		m.log.Info("inherited socket adopted", "fd", in.FD, "addr", s.Addr, "network", s.Network, "name", in.Name)
+	}
+	return m, nil
+}
+
+// Config returns the master's configuration, defaults applied.
+func (m *Master) Config() Config { return m.cfg }
+
+// Logger returns the master's logger.
+func (m *Master) Logger() hclog.Logger { return m.log }
+
+// Registry returns the master's listener registry.
+func (m *Master) Registry() *Registry { return m.reg }
+
+// Resolve finds the program as it is on disk now, as an absolute path: a
+// name without a slash is looked up in PATH, a relative path is taken from
+// the master's working directory. The result is what a new generation
+// runs, so a binary replaced since the last generation is picked up.
+func (m *Master) Resolve() (string, error) {
+	p := m.cfg.Program
+	lp, err := exec.LookPath(p)
+	if err != nil {
+		var ee *exec.Error
+		if errors.As(err, &ee) && errors.Is(ee.Err, exec.ErrNotFound) {
+			return "", fmt.Errorf("program %q not found", p)
+		}
+		if errors.Is(err, os.ErrPermission) {
+			return "", fmt.Errorf("program %q is not executable", p)
+		}
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("program %q not found", p)
+		}
+		return "", fmt.Errorf("program %q: %w", p, err)
+	}
+	abs, err := filepath.Abs(lp)
+	if err != nil {
+		return "", fmt.Errorf("program %q: %w", p, err)
+	}
+	if fi, err := os.Stat(abs); err == nil && fi.IsDir() {
+		return "", fmt.Errorf("program %q is a directory", p)
+	}
+	return abs, nil
+}
+
+// Serving returns the serving generation, or nil.
+func (m *Master) Serving() *Generation {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.serving
+}
+
+// Promote makes g the serving generation and returns the generation it
+// replaces (nil if none). From now on g's crashed workers are respawned.
+func (m *Master) Promote(g *Generation) (*Generation, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if g.state != GenStarting && g.state != GenServing {
+		return nil, fmt.Errorf("promote generation %d: it is %s", g.Num, g.state)
+	}
+	old := m.serving
+	if old == g {
+		return nil, nil
+	}
+	g.state = GenServing
+	m.serving = g
+	m.notifyLocked()
+	return old, nil
+}
+
+// Stopping reports whether Stop has begun.
+func (m *Master) Stopping() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.stopping
+}
+
+// Stop drains every generation within the drain timeout (SIGKILL after
+// it), then closes every listener and removes the unix socket files the
+// master created. It blocks until done and is idempotent: later calls wait
+// for the first.
+func (m *Master) Stop() {
+	m.mu.Lock()
+	if m.stopping {
+		m.mu.Unlock()
+		<-m.stopped
+		return
+	}
+	m.stopping = true
+	gens := append([]*Generation(nil), m.gens...)
+	m.notifyLocked()
+	m.mu.Unlock()
+	m.log.Info("stopping", "generations", len(gens), "drain_timeout", m.cfg.DrainTimeout)
+	var wg sync.WaitGroup
+	for _, g := range gens {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g.Drain(m.cfg.DrainTimeout)
+		}()
+	}
+	wg.Wait()
+	m.reg.Close(true)
+	m.log.Info("stopped")
+	close(m.stopped)
+}
+
+// Kill SIGKILLs every worker now; a running Stop then finishes at once.
+func (m *Master) Kill() {
+	m.mu.Lock()
+	gens := append([]*Generation(nil), m.gens...)
+	m.mu.Unlock()
+	for _, g := range gens {
+		g.Kill()
+	}
+}
+
+// Done is closed when Stop has finished.
+func (m *Master) Done() <-chan struct{} { return m.stopped }
+
+// Hooks are the actions Run takes that belong to other packages.
+type Hooks struct {
+	// Start starts the first generation and returns once it serves (the
+	// upgrade package's Manager.Start). Run calls it after it has begun
+	// catching signals, so a signal during start-up is handled, not fatal.
+	Start func() error
+	// Serving is called once Start has succeeded.
+	Serving func()
+	// Upgrade starts (or queues) a rolling upgrade of the workers (SIGHUP).
+	Upgrade func()
+	// Stopping is called once when a stop begins, before the workers are
+	// drained, so that a start or an upgrade in progress can give up.
+	Stopping func()
+}
+
+// Run catches signals, calls h.Start, and then handles signals until the
+// master has stopped:
+//
+//	HUP        h.Upgrade (ignored, with a warning, while starting or stopping)
+//	TERM, INT  graceful stop (Stop); a second TERM or INT kills the workers
+//
+// USR2, TTIN and TTOU are caught (so they do not kill the master) and
+// logged. Run returns nil after a stop, or h.Start's error once whatever
+// it started has been stopped.
+func (m *Master) Run(h Hooks) error {
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM,
+		syscall.SIGUSR2, syscall.SIGTTIN, syscall.SIGTTOU)
+	defer signal.Stop(sigs)
+
+	stopRequested := false
+	stop := func() {
+		if stopRequested {
+			return
+		}
+		stopRequested = true
+		if h.Stopping != nil {
+			h.Stopping()
+		}
+		go m.Stop()
+	}
+	started := make(chan error, 1)
+	starting := h.Start != nil
+	if starting {
+		go func() { started <- h.Start() }()
+	}
+	stops := 0
+	for {
+		select {
+		case err := <-started:
+			starting = false
+			if err != nil {
+				if stopRequested {
+					<-m.stopped
+					return nil
+				}
+				go m.Stop()
+				<-m.stopped
+				return err
+			}
+			if h.Serving != nil && !stopRequested {
+				h.Serving()
+			}
+		case <-m.stopped:
+			if starting {
+				<-started
+			}
+			return nil
+		case s := <-sigs:
+			sig := s.(syscall.Signal)
+			switch sig {
+			case syscall.SIGHUP:
+				switch {
+				case stopRequested:
+					m.log.Warn("upgrade ignored: the master is stopping", "signal", "SIGHUP")
+				case starting:
+					m.log.Warn("upgrade ignored: the first generation is still starting", "signal", "SIGHUP")
+				default:
+					m.log.Info("upgrade requested", "signal", "SIGHUP")
+					if h.Upgrade != nil {
+						h.Upgrade()
+					}
+				}
+			case syscall.SIGINT, syscall.SIGTERM:
+				stops++
+				if stops > 1 {
+					m.log.Warn("second stop signal: killing workers now", "signal", unix.SignalName(sig))
+					m.Kill()
+					continue
+				}
+				m.log.Info("stop requested", "signal", unix.SignalName(sig))
+				stop()
+			default:
+				m.log.Warn("signal not supported in this version; ignored", "signal", unix.SignalName(sig))
+			}
+		}
+	}
+}
+
+// notifyLocked wakes every waitFor. Called with m.mu held.
+func (m *Master) notifyLocked() {
+	close(m.changed)
+	m.changed = make(chan struct{})
+}
+
+// waitFor re-evaluates cond (under m.mu) after every state change until it
+// reports done, or ctx ends; then onTimeout (under m.mu, may be nil)
+// decides the error.
+func (m *Master) waitFor(ctx context.Context, cond func() (bool, error), onTimeout func() error) error {
+	for {
+		m.mu.Lock()
+		done, err := cond()
+		ch := m.changed
+		m.mu.Unlock()
+		if done {
+			return err
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			if onTimeout == nil {
+				return ctx.Err()
+			}
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			// The state may have settled in the meantime.
+			if done, err := cond(); done {
+				return err
+			}
+			return onTimeout()
+		}
+	}
+}
+
+// ScanInherited returns the descriptors at or above 3 that this process
+// inherited and that are sockets. It marks every inherited descriptor
+// (sockets and others) close-on-exec so none leaks into workers. Call it
+// first thing in main, before anything else opens descriptors; skip lists
+// descriptors that belong to someone else (tableflip's pipes).
+func ScanInherited(skip ...int) []int {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range ents {
+		fd, err := strconv.Atoi(e.Name())
+		if err != nil || fd < 3 {
+			continue
+		}
+		skipped := false
+		for _, s := range skip {
+			if s == fd {
+				skipped = true
+			}
+		}
+		if skipped {
+			continue
+		}
+		var st unix.Stat_t
+		if unix.Fstat(fd, &st) != nil {
+			continue // the directory fd ReadDir used, now closed
+		}
+		unix.CloseOnExec(fd)
+		if st.Mode&unix.S_IFMT == unix.S_IFSOCK {
+			out = append(out, fd)
+		}
+	}
+	return out
+}

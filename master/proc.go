@@ -1,0 +1,323 @@
+package master
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/gorolling/gorolling/handoff"
+	"github.com/hashicorp/go-hclog"
+	"golang.org/x/sys/unix"
+)
+
+// WorkerState is where a worker is in its life.
+type WorkerState int
+
+// Worker states.
+const (
+	// WorkerStarting: spawned, not ready yet.
+	WorkerStarting WorkerState = iota
+	// WorkerReady: said it is ready (handoff "ready" or READY=1).
+	WorkerReady
+	// WorkerDraining: told to drain; finishing what it has.
+	WorkerDraining
+	// WorkerExited: reaped.
+	WorkerExited
+)
+
+func (s WorkerState) String() string {
+	switch s {
+	case WorkerStarting:
+		return "starting"
+	case WorkerReady:
+		return "ready"
+	case WorkerDraining:
+		return "draining"
+	case WorkerExited:
+		return "exited"
+	}
+	return "unknown"
+}
+
+// Limits on what one worker may ask of the master.
+const (
+	maxKeysPerWorker = 256
+	floodBurst       = 200 // messages
+	floodRate        = 100 // messages per second, sustained
+	sendTimeout      = 5 * time.Second
+)
+
+// Worker is the master's handle on one worker process. Its mutable fields
+// are guarded by the master's mutex.
+type Worker struct {
+	// ID is unique for the master's life and never reused.
+	ID int
+	// Slot is the worker's slot in its generation, 0..N-1.
+	Slot int
+
+	gen       *Generation
+	m         *Master
+	cmd       *exec.Cmd
+	pid       int
+	conn      *handoff.Conn
+	log       hclog.Logger
+	spawnedAt time.Time // just before fork
+	done      chan struct{}
+
+	state    WorkerState
+	readyAt  time.Time
+	keys     map[handoff.Key]struct{}
+	exitDesc string
+	exitCode int
+	violated bool
+}
+
+// PID returns the worker's process id.
+func (w *Worker) PID() int { return w.pid }
+
+// spawn starts one worker in slot of g. Called without m.mu held.
+func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
+	conn, wf, err := handoff.Pair()
+	if err != nil {
+		return nil, err
+	}
+	conn.SetWriteTimeout(sendTimeout)
+	m.mu.Lock()
+	m.nextID++
+	id := m.nextID
+	m.mu.Unlock()
+
+	chanFD := 3 + len(m.preopened)
+	extra := []string{
+		"GOROLLING_FD=" + strconv.Itoa(chanFD),
+		"GOROLLING_SLOT=" + strconv.Itoa(slot),
+		"GOROLLING_WORKER_ID=" + strconv.Itoa(id),
+		"GOROLLING_GENERATION=" + strconv.Itoa(g.Num),
+	}
+	cmd := &exec.Cmd{
+		Path:   g.Path,
+		Args:   append([]string{m.cfg.Program}, m.cfg.Args...),
+		Env:    WorkerEnv(m.cfg.Env, extra...),
+		Dir:    m.cfg.Dir,
+		Stdout: m.cfg.Stdout,
+		Stderr: m.cfg.Stderr,
+		SysProcAttr: &syscall.SysProcAttr{
+			Setpgid:   true,
+			Pdeathsig: syscall.SIGTERM,
+		},
+	}
+	cmd.ExtraFiles = append(cmd.ExtraFiles, wf)
+
+	w := &Worker{
+		ID:   id,
+		Slot: slot,
+		gen:  g,
+		m:    m,
+		cmd:  cmd,
+		conn: conn,
+		done: make(chan struct{}),
+		keys: make(map[handoff.Key]struct{}),
+	}
+	w.spawnedAt = time.Now()
+	err = m.spawner.start(cmd)
+	wf.Close()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("start %s: %w", m.cfg.Program, err)
+	}
+	w.pid = cmd.Process.Pid
+	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
+	w.log.Info("worker online")
+	go w.serve()
+	go w.wait()
+	return w, nil
+}
+
+// wait reaps the worker and tells its generation.
+func (w *Worker) wait() {
+	err := w.cmd.Wait()
+	desc, code := describeExit(w.cmd.ProcessState, err)
+	// Close the master's end now: a listener fd still unread in the
+	// channel buffer stays referenced until then (PITFALLS #27).
+	w.conn.Close()
+	w.m.workerExited(w, desc, code)
+}
+
+func describeExit(ps *os.ProcessState, err error) (string, int) {
+	if ps == nil {
+		return fmt.Sprintf("wait: %v", err), -1
+	}
+	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return "killed by signal " + unix.SignalName(ws.Signal()), 128 + int(ws.Signal())
+	}
+	return "exit status " + strconv.Itoa(ps.ExitCode()), ps.ExitCode()
+}
+
+// signal sends sig to the worker's process group (it leads its own), and to
+// the worker itself if the group is gone (the worker called setsid).
+// Called with m.mu held; a no-op once the worker is reaped.
+func (w *Worker) signal(sig syscall.Signal) {
+	if w.state == WorkerExited {
+		return
+	}
+	// Probe the leader through os.Process first: it uses a pidfd, so it
+	// cannot hit a recycled pid. Only if the worker still exists is its
+	// group signalled: once, so that the leader gets the signal once.
+	if err := w.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+		return
+	}
+	if err := syscall.Kill(-w.pid, sig); err != nil {
+		// The worker left its process group (setsid): signal it alone.
+		_ = w.cmd.Process.Signal(sig)
+	}
+}
+
+// serve reads the worker's requests until the channel closes.
+func (w *Worker) serve() {
+	var lastSeq uint64
+	helloSeen := false
+	tokens, last := float64(floodBurst), time.Now()
+	for {
+		msg, fds, err := w.conn.Receive()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				w.log.Debug("worker closed its handoff channel")
+				return
+			}
+			if errors.Is(err, net.ErrClosed) || w.isExited() {
+				return
+			}
+			w.violation(err.Error())
+			return
+		}
+		if len(fds) > 0 {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+			w.violation(fmt.Sprintf("sent %d file descriptors", len(fds)))
+			return
+		}
+		now := time.Now()
+		tokens += now.Sub(last).Seconds() * floodRate
+		if tokens > floodBurst {
+			tokens = floodBurst
+		}
+		last = now
+		if tokens < 1 {
+			w.violation("message flood")
+			return
+		}
+		tokens--
+		if !handoff.IsRequest(msg.Type) {
+			w.violation(fmt.Sprintf("sent a %q message, which only the master sends", msg.Type))
+			return
+		}
+		if msg.Seq <= lastSeq {
+			w.violation(fmt.Sprintf("sequence number %d after %d", msg.Seq, lastSeq))
+			return
+		}
+		lastSeq = msg.Seq
+		reply := &handoff.Message{V: handoff.Version, Type: handoff.TypeReply, ReplyTo: msg.Seq}
+		sendFD := -1
+		switch msg.Type {
+		case handoff.TypeHello:
+			if helloSeen {
+				w.violation("sent hello twice")
+				return
+			}
+			helloSeen = true
+		case handoff.TypeListen:
+			sendFD = w.listen(msg.Listen, reply)
+			if sendFD == -2 {
+				return
+			}
+		case handoff.TypeReady:
+			w.m.workerReady(w, "handoff")
+		}
+		var serr error
+		if sendFD >= 0 {
+			serr = w.conn.Send(reply, sendFD)
+			unix.Close(sendFD)
+		} else {
+			serr = w.conn.Send(reply)
+		}
+		if serr != nil {
+			if os.IsTimeout(serr) {
+				w.violation("stopped reading its handoff channel")
+			}
+			return
+		}
+	}
+}
+
+// listen answers one listen request, filling reply. It returns the fd to
+// attach (owned by the caller), -1 for none, or -2 if the worker was
+// stopped for a violation.
+func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
+	k, err := handoff.Normalize(req)
+	if err != nil {
+		reply.Error = err.Error()
+		reply.Errno = handoff.ErrnoName(err)
+		if reply.Errno == "" {
+			reply.Errno = "EINVAL"
+		}
+		return -1
+	}
+	w.m.mu.Lock()
+	_, known := w.keys[k]
+	n := len(w.keys)
+	w.m.mu.Unlock()
+	if !known && n >= maxKeysPerWorker {
+		w.violation(fmt.Sprintf("asked for more than %d sockets", maxKeysPerWorker))
+		return -2
+	}
+	fd, s, err := w.m.reg.Acquire(k)
+	if err != nil {
+		reply.Error = err.Error()
+		reply.Errno = handoff.ErrnoName(err)
+		w.log.Warn("listen failed", "key", k.String(), "error", err)
+		return -1
+	}
+	w.m.mu.Lock()
+	w.keys[k] = struct{}{}
+	w.m.mu.Unlock()
+	reply.Network, reply.Address = s.Network, s.Addr
+	w.log.Debug("listener handed over", "key", k.String(), "addr", s.Addr)
+	return fd
+}
+
+// violation logs a protocol violation and stops the worker: the stop
+// signal now, SIGKILL after the drain timeout.
+func (w *Worker) violation(reason string) {
+	w.m.mu.Lock()
+	if w.violated || w.state == WorkerExited {
+		w.m.mu.Unlock()
+		return
+	}
+	w.violated = true
+	w.signal(w.m.cfg.StopSignal)
+	w.m.mu.Unlock()
+	w.log.Error("worker broke the handoff protocol; stopping it", "reason", reason)
+	w.conn.Close()
+	go func() {
+		select {
+		case <-w.done:
+		case <-time.After(w.m.cfg.DrainTimeout):
+			w.m.mu.Lock()
+			w.signal(syscall.SIGKILL)
+			w.m.mu.Unlock()
+		}
+	}()
+}
+
+func (w *Worker) isExited() bool {
+	w.m.mu.Lock()
+	defer w.m.mu.Unlock()
+	return w.state == WorkerExited
+}
