@@ -21,6 +21,9 @@ import (
 // testworker.
 var bin string
 
+// buildFlags are extra flags for building them (-race under -race).
+var buildFlags []string
+
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "gorolling-it-")
 	if err != nil {
@@ -28,7 +31,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = dir
-	build := exec.Command("go", "build", "-o", dir+"/", "../cmd/gorolling", "../cmd/example-server", "./testworker")
+	args := append([]string{"build", "-o", dir + "/"}, buildFlags...)
+	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build:", err)
@@ -329,6 +333,22 @@ func fdCount(t *testing.T, pid int) int {
 		t.Fatal(err)
 	}
 	return len(ents)
+}
+
+// fdKinds summarises pid's descriptors by kind (what their links name,
+// without inode numbers), for messages about descriptor counts.
+func fdKinds(t *testing.T, pid int) map[string]int {
+	t.Helper()
+	ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	out := map[string]int{}
+	for _, e := range ents {
+		l, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, e.Name()))
+		if i := strings.IndexByte(l, '['); i > 0 {
+			l = l[:i]
+		}
+		out[l]++
+	}
+	return out
 }
 
 // blockingSockets lists pid's socket descriptors that lack O_NONBLOCK.

@@ -87,7 +87,11 @@ func (r *Registry) Acquire(k handoff.Key) (int, *Socket, error) {
 	if r.closed {
 		return -1, nil, ErrRegistryClosed
 	}
-	s := r.sockets[k]
+	lookup := k
+	if k.Network == "fd" {
+		lookup.Packet = false // one entry per fd; the request's kind is checked below
+	}
+	s := r.sockets[lookup]
 	if s == nil {
 		if k.Network == "fd" {
 			return -1, nil, &Error{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}

@@ -22,7 +22,8 @@
 //	closeall                close every listener (after reporting)
 //	relisten NET ADDR       close the last listener, then listen again
 //
-// At start it reports the descriptors it inherited (op "fds").
+// At start it reports the descriptors it inherited (op "fds"), leaving
+// out the cgroup files the Go runtime opens before main.
 package main
 
 import (
@@ -43,10 +44,15 @@ import (
 
 // startFDs is evaluated before main runs, before the runtime or any package
 // has reason to open a descriptor: exactly what the master gave us.
+// The Go runtime itself keeps cgroup files open (for GOMAXPROCS) from
+// before package initialisation; those are left out.
 var startFDs = func() []int {
 	var fds []int
 	for fd := 0; fd < 1024; fd++ {
 		if _, _, e := syscall.Syscall(syscall.SYS_FCNTL, uintptr(fd), syscall.F_GETFD, 0); e == 0 {
+			if l, _ := os.Readlink("/proc/self/fd/" + strconv.Itoa(fd)); strings.HasPrefix(l, "/sys/fs/cgroup/") {
+				continue
+			}
 			fds = append(fds, fd)
 		}
 	}

@@ -1,0 +1,60 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestCommandLine(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		out  string // expected in stdout
+		err  string // expected in stderr
+	}{
+		{name: "no args", args: nil, code: 2, err: "Usage:"},
+		{name: "help", args: []string{"--help"}, code: 0, out: "gorolling exec [flags]"},
+		{name: "help exec", args: []string{"help", "exec"}, code: 0, out: "--drain-timeout"},
+		{name: "exec --help", args: []string{"exec", "--help"}, code: 0, out: "--ready-timeout"},
+		{name: "version", args: []string{"version"}, code: 0, out: "gorolling "},
+		{name: "unknown command", args: []string{"frobnicate"}, code: 2, err: `unknown command "frobnicate"`},
+		{name: "no program", args: []string{"exec"}, code: 2, err: "no program given"},
+		{name: "bad workers", args: []string{"exec", "-w", "0", "--", "true"}, code: 2, err: "--workers must be at least 1"},
+		{name: "bad flag", args: []string{"exec", "--frob", "x"}, code: 2, err: "unknown flag: --frob"},
+		{name: "bad signal", args: []string{"exec", "--stop-signal", "BOGUS", "--", "true"}, code: 2, err: `unknown signal "BOGUS"`},
+		{name: "bad log format", args: []string{"exec", "--log-format", "xml", "--", "true"}, code: 2, err: `unknown log format "xml"`},
+		{name: "bad log level", args: []string{"exec", "--log-level", "loud", "--", "true"}, code: 2, err: `unknown log level "loud"`},
+		{name: "bad timeout", args: []string{"exec", "--drain-timeout", "-1s", "--", "true"}, code: 2, err: "--drain-timeout must be positive"},
+		{name: "program not found", args: []string{"exec", "--log-level", "error", "--", "/nonexistent/prog"}, code: 1, err: "not found"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var out, errb bytes.Buffer
+			code := run(tc.args, &out, &errb)
+			if code != tc.code {
+				t.Errorf("exit %d, want %d (stderr %q)", code, tc.code, errb.String())
+			}
+			if !strings.Contains(out.String(), tc.out) {
+				t.Errorf("stdout %q, want it to contain %q", out.String(), tc.out)
+			}
+			if !strings.Contains(errb.String(), tc.err) {
+				t.Errorf("stderr %q, want it to contain %q", errb.String(), tc.err)
+			}
+		})
+	}
+}
+
+func TestParseSignal(t *testing.T) {
+	for in, want := range map[string]int{"TERM": 15, "SIGTERM": 15, "term": 15, "QUIT": 3, "10": 10} {
+		got, err := parseSignal(in)
+		if err != nil || int(got) != want {
+			t.Errorf("parseSignal(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "99", "NOPE"} {
+		if _, err := parseSignal(in); err == nil {
+			t.Errorf("parseSignal(%q) accepted", in)
+		}
+	}
+}

@@ -1,0 +1,391 @@
+// Command bench measures gorolling against the same example server run
+// standalone, and reports:
+//
+//   - requests/s through gorolling with N workers next to N standalone
+//     copies sharing the port with SO_REUSEPORT (keep-alive and a new
+//     connection per request), and their ratio;
+//   - upgrade timing: from SIGHUP to the new generation serving and to the
+//     old one gone, the program's own start time, and the master's
+//     overhead (the difference);
+//   - the master's RSS and descriptor count after start and after many
+//     upgrades.
+//
+// Run it from the repository root:
+//
+//	go run ./integration/bench -workers 4
+//
+// It builds its own binaries, uses loopback only, and cleans up the
+// processes it starts.
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+var (
+	workers  = flag.Int("workers", 4, "worker processes (N)")
+	clients  = flag.Int("clients", 32, "concurrent clients")
+	duration = flag.Duration("duration", 5*time.Second, "length of one throughput run")
+	rounds   = flag.Int("rounds", 3, "throughput runs per mode (alternating; the median is reported)")
+	upgrades = flag.Int("upgrades", 100, "upgrades for the timing and memory measurement")
+	starts   = flag.Int("starts", 20, "standalone start-time samples")
+	only     = flag.String("only", "", "run only this part: throughput or upgrades")
+)
+
+var binDir string
+
+func main() {
+	flag.Parse()
+	dir, err := os.MkdirTemp("", "gorolling-bench-")
+	check(err)
+	defer os.RemoveAll(dir)
+	binDir = dir
+	build := exec.Command("go", "build", "-o", dir+"/", "./cmd/gorolling", "./cmd/example-server")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	check(build.Run())
+
+	fmt.Printf("gorolling benchmark: %s, %d CPUs, %s/%s, N=%d workers, %d clients, %s x %d rounds per mode\n\n",
+		runtime.Version(), runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *workers, *clients, *duration, *rounds)
+
+	if *only != "upgrades" {
+		throughput()
+	}
+	if *only != "throughput" {
+		upgradeTiming()
+	}
+}
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// master is a running gorolling master with its JSON log.
+type master struct {
+	cmd   *exec.Cmd
+	mu    sync.Mutex
+	logs  []map[string]any
+	stamp []time.Time // when each line arrived
+	wake  chan struct{}
+}
+
+func startMaster(args ...string) *master {
+	a := append([]string{"exec", "--log-format", "json", "--log-level", "debug", "-w", strconv.Itoa(*workers), "--"}, args...)
+	cmd := exec.Command(filepath.Join(binDir, "gorolling"), a...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	stderr, err := cmd.StderrPipe()
+	check(err)
+	check(cmd.Start())
+	m := &master{cmd: cmd, wake: make(chan struct{})}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var e map[string]any
+			if json.Unmarshal(sc.Bytes(), &e) != nil {
+				continue
+			}
+			m.mu.Lock()
+			m.logs = append(m.logs, e)
+			m.stamp = append(m.stamp, time.Now())
+			close(m.wake)
+			m.wake = make(chan struct{})
+			m.mu.Unlock()
+		}
+	}()
+	return m
+}
+
+// wait returns the first entry at index >= from with message msg.
+func (m *master) wait(from int, msg string) (map[string]any, time.Time, int) {
+	deadline := time.After(2 * time.Minute)
+	for i := from; ; {
+		m.mu.Lock()
+		for ; i < len(m.logs); i++ {
+			if m.logs[i]["@message"] == msg {
+				e, at := m.logs[i], m.stamp[i]
+				m.mu.Unlock()
+				return e, at, i
+			}
+		}
+		w := m.wake
+		m.mu.Unlock()
+		select {
+		case <-w:
+		case <-deadline:
+			check(fmt.Errorf("timed out waiting for %q", msg))
+		}
+	}
+}
+
+func (m *master) len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.logs)
+}
+
+func (m *master) stop() {
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { m.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(40 * time.Second):
+		m.cmd.Process.Kill()
+		<-done
+	}
+}
+
+// load runs the clients against addr for d and returns requests/s and
+// failures.
+func load(addr string, d time.Duration, keepAlive bool) (float64, int64) {
+	var ok, failed atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	req := "GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+	if !keepAlive {
+		req = "GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+	}
+	for i := 0; i < *clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var c net.Conn
+			var br *bufio.Reader
+			for {
+				select {
+				case <-stop:
+					if c != nil {
+						c.Close()
+					}
+					return
+				default:
+				}
+				if c == nil {
+					var err error
+					c, err = net.Dial("tcp", addr)
+					if err != nil {
+						failed.Add(1)
+						continue
+					}
+					br = bufio.NewReader(c)
+				}
+				_, err := io.WriteString(c, req)
+				var resp *http.Response
+				if err == nil {
+					resp, err = http.ReadResponse(br, nil)
+				}
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+				if err != nil || resp.StatusCode != 200 {
+					failed.Add(1)
+					c.Close()
+					c = nil
+					continue
+				}
+				ok.Add(1)
+				if !keepAlive || resp.Close {
+					c.Close()
+					c = nil
+				}
+			}
+		}()
+	}
+	start := time.Now()
+	time.Sleep(d)
+	close(stop)
+	wg.Wait()
+	return float64(ok.Load()) / time.Since(start).Seconds(), failed.Load()
+}
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	check(err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// standalone starts N example servers sharing port with SO_REUSEPORT.
+func standalone(port int) func() {
+	var cmds []*exec.Cmd
+	for i := 0; i < *workers; i++ {
+		cmd := exec.Command(filepath.Join(binDir, "example-server"), "-reuseport", "-print-ready", "-listen", "127.0.0.1:"+strconv.Itoa(port))
+		out, err := cmd.StdoutPipe()
+		check(err)
+		check(cmd.Start())
+		br := bufio.NewReader(out)
+		_, err = br.ReadString('\n')
+		check(err)
+		go io.Copy(io.Discard, br)
+		cmds = append(cmds, cmd)
+	}
+	return func() {
+		for _, c := range cmds {
+			c.Process.Signal(syscall.SIGTERM)
+		}
+		for _, c := range cmds {
+			c.Wait()
+		}
+	}
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+func pct(xs []float64, p float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	return s[int(p*float64(len(s)-1))]
+}
+
+func throughput() {
+	fmt.Println("== Throughput (requests/s, median of rounds) ==")
+	fmt.Printf("%-22s %14s %14s %8s %9s\n", "mode", "gorolling", "standalone", "ratio", "failures")
+	for _, keepAlive := range []bool{true, false} {
+		var gr, sa []float64
+		var fails int64
+		for r := 0; r < *rounds; r++ {
+			m := startMaster(filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
+			m.wait(0, "generation serving")
+			e, _, _ := m.wait(0, "listener handed over")
+			rps, f := load(e["addr"].(string), *duration, keepAlive)
+			gr = append(gr, rps)
+			fails += f
+			m.stop()
+
+			port := freePort()
+			stop := standalone(port)
+			rps, f = load("127.0.0.1:"+strconv.Itoa(port), *duration, keepAlive)
+			sa = append(sa, rps)
+			fails += f
+			stop()
+		}
+		name := "keep-alive"
+		if !keepAlive {
+			name = "new connection each"
+		}
+		g, s := median(gr), median(sa)
+		fmt.Printf("%-22s %14.0f %14.0f %8.3f %9d\n", name, g, s, g/s, fails)
+		fmt.Printf("%-22s %14s %14s\n", "  (all rounds)", fmtList(gr), fmtList(sa))
+	}
+	fmt.Println()
+}
+
+func fmtList(xs []float64) string {
+	var s []string
+	for _, x := range xs {
+		s = append(s, strconv.Itoa(int(x)))
+	}
+	return strings.Join(s, ",")
+}
+
+func rss(pid int) (kib int) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	check(err)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kib, _ = strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+		}
+	}
+	return kib
+}
+
+func fds(pid int) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	check(err)
+	return len(ents)
+}
+
+func ms(d float64) string { return fmt.Sprintf("%.2f ms", d) }
+
+func upgradeTiming() {
+	// The program's own start time: N copies started at once, until each
+	// says it is ready (the same work the master waits for).
+	var own []float64
+	for i := 0; i < *starts; i++ {
+		port := freePort()
+		t0 := time.Now()
+		stop := standalone(port)
+		own = append(own, float64(time.Since(t0).Microseconds())/1000)
+		stop()
+	}
+	_ = own
+
+	m := startMaster(filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
+	m.wait(0, "generation serving")
+	pid := m.cmd.Process.Pid
+	time.Sleep(200 * time.Millisecond)
+	rss0, fd0 := rss(pid), fds(pid)
+	var toServing, toGone, workerStart, overhead []float64
+	marks := map[int][2]int{}
+	for i := 1; i <= *upgrades; i++ {
+		from := m.len()
+		t0 := time.Now()
+		check(m.cmd.Process.Signal(syscall.SIGHUP))
+		ready, readyAt, _ := m.wait(from, "upgrade ready")
+		_, doneAt, _ := m.wait(from, "upgrade finished")
+		toServing = append(toServing, float64(readyAt.Sub(t0).Microseconds())/1000)
+		toGone = append(toGone, float64(doneAt.Sub(t0).Microseconds())/1000)
+		ws := ready["worker_start"].(float64) / 1e6
+		workerStart = append(workerStart, ws)
+		overhead = append(overhead, ready["overhead"].(float64)/1e6)
+		if i == 10 || i == 50 || i%100 == 0 || i == *upgrades {
+			time.Sleep(100 * time.Millisecond)
+			marks[i] = [2]int{rss(pid), fds(pid)}
+		}
+	}
+	m.stop()
+
+	fmt.Printf("== Upgrade timing, N=%d, %d upgrades, no load (median / p90) ==\n", *workers, *upgrades)
+	fmt.Printf("%-58s %12s %12s\n", "", "median", "p90")
+	row := func(name string, xs []float64) {
+		fmt.Printf("%-58s %12s %12s\n", name, ms(median(xs)), ms(pct(xs, 0.9)))
+	}
+	row("HUP -> new generation serving (seen by the caller)", toServing)
+	row("HUP -> old generation gone (seen by the caller)", toGone)
+	row("program's own start, N copies at once, standalone", own)
+	row("program's own start, slowest worker, under gorolling", workerStart)
+	row("master overhead: HUP->serving minus slowest worker start", overhead)
+	fmt.Printf("%-58s %12s\n", "caller-side overhead: median(HUP->serving) - median(own)", ms(median(toServing)-median(own)))
+	fmt.Println()
+
+	fmt.Printf("== Master memory and descriptors across upgrades ==\n")
+	fmt.Printf("%-24s %10s %6s\n", "after", "RSS", "fds")
+	fmt.Printf("%-24s %7.1f MiB %6d\n", "start", float64(rss0)/1024, fd0)
+	keys := []int{}
+	for k := range marks {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		fmt.Printf("%-24s %7.1f MiB %6d\n", fmt.Sprintf("%d upgrades", k), float64(marks[k][0])/1024, marks[k][1])
+	}
+}

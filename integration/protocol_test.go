@@ -1,0 +1,70 @@
+package integration
+
+import (
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestProtocolViolations: workers that send garbage, descriptors, too many
+// descriptors, master-only messages, out-of-range requests or a flood are
+// logged and stopped; the master neither dies nor leaks a descriptor: once
+// a well-behaved worker has replaced them it holds as many descriptors as
+// a master that never met a bad worker.
+func TestProtocolViolations(t *testing.T) {
+	bad := []struct{ op, reason string }{
+		{`raw {not json`, "malformed"},
+		{`rawfd {"v":1,"type":"hello","seq":1}`, "sent 3 file descriptors"},
+		{`rawmanyfd {"v":1,"type":"hello","seq":1}`, "truncated"},
+		{`raw {"v":1,"type":"drain","timeout_ms":5}`, "only the master sends"},
+		{`raw {"v":1,"type":"listen","seq":1,"listen":{"network":"tcp","address":":1","index":99999}}`, "out of range"},
+		{`raw {"v":7,"type":"ready","seq":1}`, "unsupported protocol version"},
+		{`flood 5000`, "message flood"},
+	}
+	// Generation 1 (workers 1..n) behaves: a first generation must start.
+	// Killing its workers makes the master respawn each slot; the
+	// respawns, workers n+1..2n-1, misbehave, and their own replacements
+	// behave again.
+	n := len(bad) + 1
+	var script []string
+	for i, b := range bad {
+		script = append(script, "id"+strconv.Itoa(n+1+i)+": "+b.op)
+	}
+	script = append(script, "listen tcp 127.0.0.1:0")
+	p, _ := twMaster(t, n, strings.Join(script, "; "), masterOpts{})
+	for _, pid := range p.workerPIDs(1) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	// Workers n+1..n+len(bad) misbehave (the flooding one even says ready
+	// first); every slot is whole again once n later workers are ready.
+	readyAgain := func(e entry) bool { return e.msg() == "worker ready" && e.num("worker_id") > n+len(bad) }
+	deadline := time.Now().Add(30 * time.Second)
+	for p.count(readyAgain) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d of %d slots ready again", p.count(readyAgain), n)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for i, b := range bad {
+		id := n + 1 + i
+		e, _ := p.waitLog(5*time.Second, 0, "violation of worker "+strconv.Itoa(id), func(e entry) bool {
+			return e.msg() == "worker broke the handoff protocol; stopping it" && e.num("worker_id") == id
+		})
+		if e.level() != "error" || !strings.Contains(e.str("reason"), b.reason) {
+			t.Errorf("worker %d (%s): logged at %s with reason %q, want %q", id, b.op, e.level(), e.str("reason"), b.reason)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	got := fdCount(t, p.pid)
+
+	control, _ := twMaster(t, n, "listen tcp 127.0.0.1:0", masterOpts{})
+	time.Sleep(200 * time.Millisecond)
+	if want := fdCount(t, control.pid); got != want {
+		t.Fatalf("master holds %d descriptors after %d bad workers (%v); a master that met none holds %d (%v)", got, len(bad), fdKinds(t, p.pid), want, fdKinds(t, control.pid))
+	}
+	if b := blockingSockets(t, p.pid); len(b) > 0 {
+		t.Errorf("master sockets in blocking mode: %v", b)
+	}
+}

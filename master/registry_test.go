@@ -1,0 +1,216 @@
+package master
+
+import (
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"testing"
+
+	"github.com/gorolling/gorolling/handoff"
+	"golang.org/x/sys/unix"
+)
+
+func key(t *testing.T, network, addr string, index int) handoff.Key {
+	t.Helper()
+	packet := network == "udp" || network == "unixgram"
+	k, err := handoff.Normalize(&handoff.ListenRequest{Network: network, Address: addr, Index: index, Packet: packet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func nonblocking(t *testing.T, fd int) bool {
+	t.Helper()
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fl&unix.O_NONBLOCK != 0
+}
+
+func cloexec(t *testing.T, fd int) bool {
+	t.Helper()
+	fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fl&unix.FD_CLOEXEC != 0
+}
+
+func TestRegistrySharesAndKeepsPort0(t *testing.T) {
+	r := NewRegistry()
+	defer r.Close(true)
+	k0 := key(t, "tcp", "127.0.0.1:0", 0)
+	k1 := key(t, "tcp", "127.0.0.1:0", 1)
+	d1, s1, err := r.Acquire(k0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d2, s2, err := r.Acquire(k0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, s3, err := r.Acquire(k1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s1 != s2 || s1.Addr == s3.Addr {
+		t.Fatalf("index 0 twice: %s %s; index 1: %s", s1.Addr, s2.Addr, s3.Addr)
+	}
+	for _, fd := range []int{d1, d2, s1.FD()} {
+		if !cloexec(t, fd) || !nonblocking(t, fd) {
+			t.Fatalf("fd %d: cloexec %v nonblocking %v", fd, cloexec(t, fd), nonblocking(t, fd))
+		}
+	}
+	unix.Close(d1)
+	unix.Close(d2)
+	addr := s1.Addr
+	// Nobody holds index 0 any more: it is closed, and re-opened on the
+	// same port when asked again.
+	gone := r.Collect(func(k handoff.Key) bool { return k == k1 })
+	if len(gone) != 1 || gone[0] != s1 {
+		t.Fatalf("collected %v", gone)
+	}
+	d, s, err := r.Acquire(k0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(d)
+	if s.Addr != addr {
+		t.Fatalf("port-0 key re-opened on %s, first had %s", s.Addr, addr)
+	}
+}
+
+func TestRegistryErrno(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	r := NewRegistry()
+	defer r.Close(true)
+	_, _, err = r.Acquire(key(t, "tcp", busy.Addr().String(), 0))
+	if !errors.Is(err, syscall.EADDRINUSE) || handoff.ErrnoName(err) != "EADDRINUSE" {
+		t.Fatalf("err %v", err)
+	}
+	_, _, err = r.Acquire(handoff.Key{Network: "fd", Address: "77"})
+	if !errors.Is(err, syscall.EBADF) {
+		t.Fatalf("unknown fd: %v", err)
+	}
+}
+
+func TestRegistryUnixLifetime(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "s.sock")
+	// A stale file from a dead process is replaced.
+	stale, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.(*net.UnixListener).SetUnlinkOnClose(false)
+	stale.Close()
+
+	r := NewRegistry()
+	d, _, err := r.Acquire(key(t, "unix", path, 0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A worker closing its copy does not unlink the path.
+	unix.Close(d)
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("socket unusable after a copy closed: %v", err)
+	}
+	c.Close()
+	// A live socket at a path is refused.
+	other := NewRegistry()
+	if _, _, err := other.Acquire(key(t, "unix", path, 0)); !errors.Is(err, syscall.EADDRINUSE) {
+		t.Fatalf("second bind on a live socket: %v", err)
+	}
+	other.Close(true)
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("a failed registry removed someone else's socket: %v", err)
+	}
+	// Close without removal keeps the file (a successor takes over) ...
+	r2 := NewRegistry()
+	gpath := filepath.Join(dir, "g.sock")
+	if d, _, err := r2.Acquire(key(t, "unixgram", gpath, 0)); err != nil {
+		t.Fatal(err)
+	} else {
+		unix.Close(d)
+	}
+	r2.Close(false)
+	if _, err := os.Stat(gpath); err != nil {
+		t.Fatal("Close(false) removed the file")
+	}
+	// ... and the final stop removes it.
+	r.Close(true)
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("Close(true) left %s", path)
+	}
+}
+
+func TestRegistryAdopt(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var fd int
+	rc, _ := l.(*net.TCPListener).SyscallConn()
+	rc.Control(func(x uintptr) { fd, _ = unix.FcntlInt(x, unix.F_DUPFD, 0) })
+	u, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	var ufd int
+	rc, _ = u.(*net.UDPConn).SyscallConn()
+	rc.Control(func(x uintptr) { ufd, _ = unix.FcntlInt(x, unix.F_DUPFD, 0) })
+
+	r := NewRegistry()
+	defer r.Close(true)
+	s, err := r.Adopt(fd, "http")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Addr != l.Addr().String() || s.Network != "tcp" || !cloexec(t, fd) || !s.Persistent {
+		t.Fatalf("adopted %+v", s)
+	}
+	if _, err := r.Adopt(ufd, ""); err != nil {
+		t.Fatal(err)
+	}
+	fdKey := func(n int, packet bool) handoff.Key {
+		k, _ := handoff.Normalize(&handoff.ListenRequest{FD: &n, Packet: packet})
+		return k
+	}
+	if d, _, err := r.Acquire(fdKey(fd, false)); err != nil {
+		t.Fatal(err)
+	} else {
+		unix.Close(d)
+	}
+	if _, _, err := r.Acquire(fdKey(fd, true)); !errors.Is(err, syscall.EPROTOTYPE) {
+		t.Fatalf("stream fd as packet: %v", err)
+	}
+	if d, _, err := r.Acquire(fdKey(ufd, true)); err != nil {
+		t.Fatal(err)
+	} else {
+		unix.Close(d)
+	}
+	// Inherited sockets are never collected.
+	if gone := r.Collect(func(handoff.Key) bool { return false }); len(gone) != 0 {
+		t.Fatalf("collected inherited sockets: %v", gone)
+	}
+}
+
+func TestWorkerEnv(t *testing.T) {
+	got := WorkerEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/x", "WATCHDOG_USEC=5", "GOROLLING_FD=9", "HOME=/root"}, "GOROLLING_SLOT=0")
+	want := []string{"PATH=/bin", "HOME=/root", "GOROLLING_SLOT=0"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+}

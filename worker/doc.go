@@ -1,0 +1,24 @@
+// Package worker is what a Go server imports to run under gorolling. It owns
+// the worker's side of the handoff channel: asking the master for shared
+// listening sockets (Listen, ListenPacket, ListenFD), saying when the server
+// is ready (Ready), learning when to stop (Draining, Context), the worker's
+// identity (Slot, ID, Generation), and an HTTP helper that drains keep-alive
+// connections without failing a client (ServeHTTP).
+//
+// The listen semantics are those of Node's cluster module: the master opens
+// each socket once and hands every worker a duplicate, so all workers accept
+// from one queue; the k-th listen on port 0 gets the same port in every
+// worker and every later generation; a failed bind returns the real errno;
+// Exclusive listens and listeners the program opens itself are not shared.
+// The master keeps its own copy of every socket while any generation uses
+// it, so an upgrade never closes a socket and never loses a queued
+// connection.
+//
+// Outside gorolling every call falls back to plain net behaviour: Listen is
+// net.Listen, Ready does nothing, Draining is closed by SIGTERM or SIGINT.
+// One binary therefore runs both ways.
+//
+// The package never calls Fd() on a shared socket (that would switch it to
+// blocking mode for every worker), closes the *os.File it converts, and
+// marks every descriptor it receives close-on-exec.
+package worker
