@@ -46,19 +46,17 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	return fs, o
 }
 
-func execUsage(w io.Writer, fs *pflag.FlagSet) {
-	fmt.Fprintf(w, `Usage: gorolling exec [flags] [--] PROGRAM [ARGS...]
-
-Starts a master that runs --workers copies of PROGRAM. Workers ask the master
+const execLong = `Starts a master that runs --workers copies of PROGRAM. Workers ask the master
 for listening sockets (Go programs through the worker package); the master
-opens each once and gives every worker a duplicate. SIGHUP starts a new
-generation from PROGRAM as it is on disk now, waits until every new worker is
-ready, then drains the old generation. TERM or INT drains everything and
-exits 0.
+opens each once and gives every worker a duplicate, so all workers accept on
+the same sockets. SIGHUP starts a new generation from PROGRAM as it is on disk
+now, waits until every new worker is ready, then drains the old generation; a
+new worker that exits or is not ready within --ready-timeout rolls the upgrade
+back. TERM or INT drains everything and exits 0.
 
-Flags:
-%s`, fs.FlagUsages())
-}
+The exit status is 0 after a clean stop, 1 when the first generation cannot
+start (program not found or not executable, every worker exits before it is
+ready, none ready in time), 2 for bad usage.`
 
 func parseSignal(s string) (syscall.Signal, error) {
 	if n, err := strconv.Atoi(s); err == nil {
@@ -104,7 +102,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
-			execUsage(stdout, fs)
+			commandUsage(stdout, findCommand("exec"))
 			return 0
 		}
 		fmt.Fprintf(stderr, "gorolling exec: %v\nRun 'gorolling help exec' for usage.\n", err)

@@ -13,8 +13,10 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+	"strings"
 
 	"github.com/gorolling/gorolling/master"
+	"github.com/spf13/pflag"
 )
 
 // version is stamped at build time: -ldflags "-X main.version=1.2.3".
@@ -28,29 +30,100 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// command is one subcommand. Usage, "help CMD" and the man page are all
+// rendered from this table and the commands' own flag sets.
+type command struct {
+	name    string
+	args    string // synopsis after the name
+	summary string // one line
+	long    string // paragraphs for help and the man page
+	flags   func() *pflag.FlagSet
+	run     func(args []string, stdout, stderr io.Writer) int
+}
+
+var commands []*command
+
+func init() {
+	commands = []*command{
+		{
+			name: "exec", args: "[flags] [--] PROGRAM [ARGS...]",
+			summary: "run PROGRAM as N workers under a master",
+			long:    execLong,
+			flags:   func() *pflag.FlagSet { fs, _ := execFlags(); return fs },
+			run:     runExec,
+		},
+		{
+			name: "version", summary: "print the version",
+			run: func(_ []string, stdout, _ io.Writer) int {
+				fmt.Fprintf(stdout, "gorolling %s\n", Version())
+				return 0
+			},
+		},
+		{
+			name: "man", summary: "print the gorolling(1) manual page (roff)",
+			run: func(_ []string, stdout, _ io.Writer) int {
+				writeMan(stdout)
+				return 0
+			},
+		},
+		{
+			name: "help", args: "[COMMAND]", summary: "print this help, or a command's",
+			run: runHelp,
+		},
+	}
+}
+
+func findCommand(name string) *command {
+	for _, c := range commands {
+		if c.name == name {
+			return c
+		}
+	}
+	return nil
+}
+
 func run(args []string, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		usage(stderr)
 		return 2
 	}
 	switch args[0] {
-	case "exec":
-		return runExec(args[1:], stdout, stderr)
-	case "version", "--version", "-v":
-		fmt.Fprintf(stdout, "gorolling %s\n", Version())
-		return 0
-	case "help", "--help", "-h":
-		if len(args) > 1 && args[1] == "exec" {
-			fs, _ := execFlags()
-			execUsage(stdout, fs)
-			return 0
-		}
-		usage(stdout)
-		return 0
-	default:
+	case "--version", "-v":
+		args[0] = "version"
+	case "--help", "-h":
+		args[0] = "help"
+	}
+	c := findCommand(args[0])
+	if c == nil {
 		fmt.Fprintf(stderr, "gorolling: unknown command %q\n\n", args[0])
 		usage(stderr)
 		return 2
+	}
+	return c.run(args[1:], stdout, stderr)
+}
+
+func runHelp(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		usage(stdout)
+		return 0
+	}
+	c := findCommand(args[0])
+	if c == nil {
+		fmt.Fprintf(stderr, "gorolling: unknown command %q\n", args[0])
+		return 2
+	}
+	commandUsage(stdout, c)
+	return 0
+}
+
+// commandUsage prints one command's help.
+func commandUsage(w io.Writer, c *command) {
+	fmt.Fprintf(w, "Usage: gorolling %s %s\n\n%s\n", c.name, c.args, c.summary)
+	if c.long != "" {
+		fmt.Fprintf(w, "\n%s\n", c.long)
+	}
+	if c.flags != nil {
+		fmt.Fprintf(w, "\nFlags:\n%s", c.flags().FlagUsages())
 	}
 }
 
@@ -65,19 +138,21 @@ func Version() string {
 	return "dev"
 }
 
+// signalHelp documents the master's signals (usage and man page).
+var signalHelp = [][2]string{
+	{"HUP", "start a new generation from the program on disk; drain the old one once the new one is ready"},
+	{"TERM, INT", "drain every worker and exit 0; a second one kills the workers"},
+}
+
 func usage(w io.Writer) {
-	fmt.Fprint(w, `gorolling runs a program as N worker processes that share listening sockets,
-and on SIGHUP replaces them with a new generation without dropping a request.
-
-Usage:
-  gorolling exec [flags] [--] PROGRAM [ARGS...]   run PROGRAM under a master
-  gorolling version                               print the version
-  gorolling help [exec]                           print this help, or exec's flags
-
-Signals to the master:
-  HUP        start a new generation from the program on disk, drain the old one
-  TERM, INT  drain every worker and exit 0; a second one kills the workers
-
-Workers in Go use github.com/gorolling/gorolling/worker; see the README.
-`)
+	fmt.Fprint(w, "gorolling runs a program as N worker processes that share listening sockets,\nand on SIGHUP replaces them with a new generation without dropping a request.\n\nUsage:\n")
+	for _, c := range commands {
+		syn := strings.TrimSpace(c.name + " " + c.args)
+		fmt.Fprintf(w, "  gorolling %-40s %s\n", syn, c.summary)
+	}
+	fmt.Fprint(w, "\nSignals to the master:\n")
+	for _, s := range signalHelp {
+		fmt.Fprintf(w, "  %-10s %s\n", s[0], s[1])
+	}
+	fmt.Fprint(w, "\nRun 'gorolling help COMMAND' for a command's flags. Go workers use\ngithub.com/gorolling/gorolling/worker; see the README.\n")
 }
