@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,6 +88,7 @@ type proc struct {
 }
 
 type masterOpts struct {
+	wrap  []string // a command that execs gorolling in place (systemd-socket-activate ...)
 	args  []string // gorolling arguments after "exec"
 	dir   string
 	env   []string
@@ -97,8 +99,9 @@ type masterOpts struct {
 // Cleanup stops it (and, if it misbehaved, the workers it logged) by pid.
 func startMaster(t *testing.T, o masterOpts) *proc {
 	t.Helper()
-	args := append([]string{"exec", "--log-format", "json", "--log-level", "debug"}, o.args...)
-	cmd := exec.Command(binPath("gorolling"), args...)
+	args := append([]string{binPath("gorolling"), "exec", "--log-format", "json", "--log-level", "debug"}, o.args...)
+	args = append(append([]string{}, o.wrap...), args...)
+	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Dir = o.dir
 	cmd.Env = append(os.Environ(), o.env...)
 	cmd.ExtraFiles = o.files
@@ -484,4 +487,31 @@ func opsOf(rs []twReport, op string, gen int) []twReport {
 		}
 	}
 	return out
+}
+
+// requireTool returns the path of an external program a test needs. It
+// skips the test when the program is missing, unless GOROLLING_CI is set:
+// CI installs every tool, so there a missing one is a failure.
+func requireTool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		if os.Getenv("GOROLLING_CI") != "" {
+			t.Fatalf("%s is not installed, and GOROLLING_CI is set: .ci/run must install it", name)
+		}
+		t.Skipf("%s is not installed (CI installs it; see .ci/run)", name)
+	}
+	return p
+}
+
+// freePort returns a port that was free a moment ago on 127.0.0.1, for
+// tools that need a fixed port on their command line.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }

@@ -279,7 +279,7 @@ func TestFirstGenerationFailures(t *testing.T) {
 		{"not found", []string{"--", filepath.Join(dir, "missing")}, "not found"},
 		{"not executable", []string{"--", noexec}, "not executable"},
 		{"every worker crashes", []string{"-w", "3", "--", binPath("example-server"), "-crash-at-start"}, "every worker exited before it was ready"},
-		{"never ready", []string{"-w", "2", "--ready-timeout", "1s", "--", binPath("example-server"), "-listen", "127.0.0.1:0", "-never-ready"}, "no worker became ready"},
+		{"never ready", []string{"-w", "2", "--ready-timeout", "1s", "--", binPath("example-server"), "-listen", "127.0.0.1:0", "-never-ready"}, "no worker became ready within the ready timeout: context deadline exceeded (if the program cannot signal readiness (worker.Ready, or sd_notify READY=1 to $NOTIFY_SOCKET), use --ready=timer:DURATION)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := startMaster(t, masterOpts{args: tc.args})

@@ -46,6 +46,21 @@ type Config struct {
 	// or a shell) that workers may ask for with ListenFD. The registry
 	// takes them over.
 	Inherited []InheritedFD
+	// Listen are the pre-opened listeners (--listen), passed to every
+	// worker as fds 3..3+L-1 with LISTEN_FDS and LISTEN_FDNAMES.
+	Listen []ListenSpec
+	// Shim is the command that sets LISTEN_PID to its own pid and then
+	// execs the program; the master appends "PATH ARGV0 ARGS...". It is
+	// needed when Listen is not empty ("gorolling _shim").
+	Shim []string
+	// ReadyTimer, if positive, marks a worker ready that long after it
+	// started, for programs that cannot signal readiness at all. Explicit
+	// readiness (handoff or READY=1) still counts if it comes first.
+	ReadyTimer time.Duration
+	// RuntimeDir is a private directory for the workers' notify sockets;
+	// empty means a new one under $XDG_RUNTIME_DIR or the temp directory,
+	// removed at stop.
+	RuntimeDir string
 }
 
 // InheritedFD is one inherited socket and its name, if it has one.
@@ -65,6 +80,8 @@ type Master struct {
 
 	// preopened sockets are passed to every worker as fds 3..3+L-1.
 	preopened []*Socket
+	runDir    string
+	ownRunDir bool
 
 	mu       sync.Mutex
 	changed  chan struct{}
@@ -135,8 +152,51 @@ func New(cfg Config) (*Master, error) {
 		}
 		m.log.Info("inherited socket adopted", "fd", in.FD, "addr", s.Addr, "network", s.Network, "name", in.Name)
 	}
+	if len(cfg.Listen) > 0 && len(cfg.Shim) == 0 {
+		return nil, errors.New("master: pre-opened listeners need Config.Shim to set LISTEN_PID")
+	}
+	for _, ls := range cfg.Listen {
+		s, err := m.reg.Preopen(ls)
+		if err != nil {
+			m.reg.Close(true)
+			return nil, err
+		}
+		if s.Name == "" {
+			s.Name = "unknown"
+		}
+		m.preopened = append(m.preopened, s)
+		m.log.Info("listener pre-opened", "spec", ls.Spec, "addr", s.Addr, "network", s.Network, "name", s.Name, "fd", 2+len(m.preopened))
+	}
+	if err := m.makeRunDir(); err != nil {
+		m.reg.Close(true)
+		return nil, err
+	}
 	return m, nil
 }
+
+// makeRunDir creates (or checks) the private directory of notify sockets.
+func (m *Master) makeRunDir() error {
+	if m.cfg.RuntimeDir != "" {
+		if err := os.MkdirAll(m.cfg.RuntimeDir, 0o700); err != nil {
+			return fmt.Errorf("master: runtime directory: %w", err)
+		}
+		m.runDir = m.cfg.RuntimeDir
+		return nil
+	}
+	base := os.Getenv("XDG_RUNTIME_DIR")
+	if fi, err := os.Stat(base); base == "" || err != nil || !fi.IsDir() {
+		base = os.TempDir()
+	}
+	d, err := os.MkdirTemp(base, "gorolling-")
+	if err != nil {
+		return fmt.Errorf("master: runtime directory: %w", err)
+	}
+	m.runDir, m.ownRunDir = d, true
+	return nil
+}
+
+// Preopened returns the pre-opened listeners in LISTEN_FDS order.
+func (m *Master) Preopened() []*Socket { return m.preopened }
 
 // Config returns the master's configuration, defaults applied.
 func (m *Master) Config() Config { return m.cfg }
@@ -235,6 +295,9 @@ func (m *Master) Stop() {
 	}
 	wg.Wait()
 	m.reg.Close(true)
+	if m.ownRunDir {
+		os.RemoveAll(m.runDir)
+	}
 	m.log.Info("stopped")
 	close(m.stopped)
 }
@@ -270,7 +333,8 @@ type Hooks struct {
 // Run catches signals, calls h.Start, and then handles signals until the
 // master has stopped:
 //
-//	HUP        h.Upgrade (ignored, with a warning, while starting or stopping)
+//	HUP        h.Upgrade (queued while the first generation starts, ignored
+//	           while stopping)
 //	TERM, INT  graceful stop (Stop); a second TERM or INT kills the workers
 //
 // USR2, TTIN and TTOU are caught (so they do not kill the master) and
@@ -299,6 +363,7 @@ func (m *Master) Run(h Hooks) error {
 		go func() { started <- h.Start() }()
 	}
 	stops := 0
+	upgradeQueued := false
 	for {
 		select {
 		case err := <-started:
@@ -315,6 +380,9 @@ func (m *Master) Run(h Hooks) error {
 			if h.Serving != nil && !stopRequested {
 				h.Serving()
 			}
+			if upgradeQueued && !stopRequested && h.Upgrade != nil {
+				h.Upgrade()
+			}
 		case <-m.stopped:
 			if starting {
 				<-started
@@ -328,7 +396,8 @@ func (m *Master) Run(h Hooks) error {
 				case stopRequested:
 					m.log.Warn("upgrade ignored: the master is stopping", "signal", "SIGHUP")
 				case starting:
-					m.log.Warn("upgrade ignored: the first generation is still starting", "signal", "SIGHUP")
+					m.log.Info("upgrade queued until the first generation serves", "signal", "SIGHUP")
+					upgradeQueued = true
 				default:
 					m.log.Info("upgrade requested", "signal", "SIGHUP")
 					if h.Upgrade != nil {

@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -66,6 +67,7 @@ type Worker struct {
 	cmd       *exec.Cmd
 	pid       int
 	conn      *handoff.Conn
+	notify    *notifySock
 	log       hclog.Logger
 	spawnedAt time.Time // just before fork
 	done      chan struct{}
@@ -76,6 +78,7 @@ type Worker struct {
 	exitDesc string
 	exitCode int
 	violated bool
+	status   string // the last STATUS= the worker sent
 }
 
 // PID returns the worker's process id.
@@ -93,16 +96,49 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 	id := m.nextID
 	m.mu.Unlock()
 
+	notify, err := m.openNotify(id)
+	if err != nil {
+		conn.Close()
+		wf.Close()
+		return nil, err
+	}
 	chanFD := 3 + len(m.preopened)
 	extra := []string{
 		"GOROLLING_FD=" + strconv.Itoa(chanFD),
 		"GOROLLING_SLOT=" + strconv.Itoa(slot),
 		"GOROLLING_WORKER_ID=" + strconv.Itoa(id),
 		"GOROLLING_GENERATION=" + strconv.Itoa(g.Num),
+		"NOTIFY_SOCKET=" + notify.path,
+	}
+	path, args := g.Path, append([]string{m.cfg.Program}, m.cfg.Args...)
+	var files []*os.File
+	if len(m.preopened) > 0 {
+		names := make([]string, len(m.preopened))
+		for i, s := range m.preopened {
+			names[i] = s.Name
+			// A fresh duplicate wrapped by os.NewFile: its Fd() (which
+			// StartProcess calls) leaves O_NONBLOCK alone (PITFALLS #7).
+			d, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
+			if err != nil {
+				for _, f := range files {
+					f.Close()
+				}
+				conn.Close()
+				wf.Close()
+				notify.close()
+				return nil, fmt.Errorf("dup %s: %w", s.Addr, err)
+			}
+			files = append(files, os.NewFile(uintptr(d), s.Name))
+		}
+		extra = append(extra, "LISTEN_FDS="+strconv.Itoa(len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
+		// LISTEN_PID must be the worker's own pid, unknown before fork:
+		// the shim sets it and execs the program (PITFALLS #4).
+		path = m.cfg.Shim[0]
+		args = append(append(append([]string{}, m.cfg.Shim...), g.Path), args...)
 	}
 	cmd := &exec.Cmd{
-		Path:   g.Path,
-		Args:   append([]string{m.cfg.Program}, m.cfg.Args...),
+		Path:   path,
+		Args:   args,
 		Env:    WorkerEnv(m.cfg.Env, extra...),
 		Dir:    m.cfg.Dir,
 		Stdout: m.cfg.Stdout,
@@ -112,7 +148,7 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 			Pdeathsig: syscall.SIGTERM,
 		},
 	}
-	cmd.ExtraFiles = append(cmd.ExtraFiles, wf)
+	cmd.ExtraFiles = append(files, wf)
 
 	w := &Worker{
 		ID:   id,
@@ -124,18 +160,26 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 		done: make(chan struct{}),
 		keys: make(map[handoff.Key]struct{}),
 	}
+	w.notify = notify
 	w.spawnedAt = time.Now()
 	err = m.spawner.start(cmd)
-	wf.Close()
+	for _, f := range cmd.ExtraFiles {
+		f.Close()
+	}
 	if err != nil {
 		conn.Close()
+		notify.close()
 		return nil, fmt.Errorf("start %s: %w", m.cfg.Program, err)
 	}
 	w.pid = cmd.Process.Pid
 	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
 	w.log.Info("worker online")
 	go w.serve()
+	go w.readNotify()
 	go w.wait()
+	if d := m.cfg.ReadyTimer; d > 0 {
+		time.AfterFunc(d, func() { m.workerReady(w, "timer") })
+	}
 	return w, nil
 }
 
@@ -146,6 +190,7 @@ func (w *Worker) wait() {
 	// Close the master's end now: a listener fd still unread in the
 	// channel buffer stays referenced until then (PITFALLS #27).
 	w.conn.Close()
+	w.notify.close()
 	w.m.workerExited(w, desc, code)
 }
 

@@ -33,10 +33,11 @@ type Socket struct {
 	// Name is the socket's name for LISTEN_FDNAMES, if it has one.
 	Name string
 
-	fd     int    // the master's own copy: close-on-exec, non-blocking
-	path   string // unix socket file the master created and removes at stop
-	ino    uint64 // inode of path when bound: only that file is removed
-	packet bool
+	fd        int    // the master's own copy: close-on-exec, non-blocking
+	preopened bool   // passed to every worker as a LISTEN_FDS descriptor
+	path      string // unix socket file the master created and removes at stop
+	ino       uint64 // inode of path when bound: only that file is removed
+	packet    bool
 }
 
 // FD returns the master's descriptor. It stays owned by the registry.
@@ -234,8 +235,8 @@ func clearStaleUnix(network, path string) error {
 }
 
 // Adopt registers an inherited socket descriptor under the key fd:N. The
-// registry takes ownership of fd, marks it close-on-exec and keeps it for
-// the master's life.
+// registry takes ownership of fd, marks it close-on-exec and non-blocking,
+// and keeps it for the master's life.
 func (r *Registry) Adopt(fd int, name string) (*Socket, error) {
 	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
 	if err != nil {
@@ -246,6 +247,13 @@ func (r *Registry) Adopt(fd int, name string) (*Socket, error) {
 		return nil, fmt.Errorf("adopt fd %d: %w", fd, err)
 	}
 	unix.CloseOnExec(fd)
+	// Shared sockets must be non-blocking: O_NONBLOCK belongs to the open
+	// file description, which every worker shares, and a worker that
+	// blocks in accept(2) on a shared socket cannot stop (PITFALLS #7).
+	// systemd and shells hand sockets over in blocking mode.
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("adopt fd %d: set non-blocking: %w", fd, err)
+	}
 	s := &Socket{
 		Key:        handoff.Key{Network: "fd", Address: strconv.Itoa(fd)},
 		fd:         fd,
@@ -352,4 +360,81 @@ func errnoOf(err error) syscall.Errno {
 		return e
 	}
 	return 0
+}
+
+// Preopen opens the socket of a --listen spec, or takes the adopted
+// inherited socket it names, and keeps it for the master's life. A socket
+// opened on port 0 is registered under the port it got, so that a worker's
+// Listen on that address shares it.
+func (r *Registry) Preopen(ls ListenSpec) (*Socket, error) {
+	if ls.Network == "fd" {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		var found *Socket
+		var names []string
+		for _, s := range r.sockets {
+			if s.Key.Network != "fd" {
+				continue
+			}
+			if s.Name != "" {
+				names = append(names, s.Name)
+			}
+			if (ls.FD >= 0 && s.fd == ls.FD) || (ls.FDName != "" && s.Name == ls.FDName) {
+				found = s
+			}
+		}
+		if found == nil {
+			if ls.FD >= 0 {
+				return nil, fmt.Errorf("--listen %q: the master has no inherited socket on fd %d", ls.Spec, ls.FD)
+			}
+			sort.Strings(names)
+			return nil, fmt.Errorf("--listen %q: no inherited socket is named %q (LISTEN_FDNAMES gave: %s)", ls.Spec, ls.FDName, strings.Join(names, ", "))
+		}
+		if found.preopened {
+			return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+		}
+		found.preopened = true
+		if ls.Name != "" {
+			found.Name = ls.Name
+		}
+		return found, nil
+	}
+	k, err := handoff.Normalize(&handoff.ListenRequest{Network: ls.Network, Address: ls.Address, Packet: ls.Packet()})
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sockets[k] != nil {
+		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+	}
+	s, err := r.open(k)
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+	}
+	if ls.Mode != 0 && s.path != "" {
+		// The socket exists with the umask's mode between bind and this
+		// chmod; the mode only ever widens or narrows access for the
+		// short window, and nothing is handed out before it ends.
+		if err := os.Chmod(s.path, ls.Mode); err != nil {
+			s.close(true)
+			return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+		}
+	}
+	if p := k.Port(); p == 0 && !strings.HasPrefix(k.Network, "unix") {
+		if _, port, err := net.SplitHostPort(s.Addr); err == nil {
+			n, _ := strconv.Atoi(port)
+			k.Address = k.WithPort(n)
+			s.Key = k
+			delete(r.ports, handoff.Key{Network: k.Network, Address: k.WithPort(0), Packet: k.Packet})
+		}
+	}
+	if r.sockets[k] != nil {
+		s.close(true)
+		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+	}
+	s.Persistent, s.preopened = true, true
+	s.Name = ls.Name
+	r.sockets[k] = s
+	return s, nil
 }

@@ -57,7 +57,9 @@ type ListenConfig struct {
 // and hands every worker, in this and every later generation, a duplicate:
 // all workers accept from one queue, which survives upgrades. The k-th
 // listen on a port-0 address gets the same port in every worker. Outside
-// gorolling it is net.Listen.
+// gorolling it is net.Listen, except that a socket inherited through
+// systemd socket activation (LISTEN_FDS) bound to the same address is used
+// instead of binding a new one.
 //
 // Closing the returned listener closes this worker's copy only; the
 // master's copy keeps the socket and its queued connections.
@@ -120,7 +122,10 @@ func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (ne
 	if err != nil {
 		return nil, err
 	}
-	if c == nil || lc.Exclusive {
+	if c == nil {
+		return lc.standaloneListen(ctx, network, address)
+	}
+	if lc.Exclusive {
 		return lc.Net.Listen(ctx, network, address)
 	}
 	if network == "unixgram" || strings.HasPrefix(network, "udp") {
@@ -140,7 +145,10 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	if err != nil {
 		return nil, err
 	}
-	if c == nil || lc.Exclusive {
+	if c == nil {
+		return lc.standaloneListenPacket(ctx, network, address)
+	}
+	if lc.Exclusive {
 		return lc.Net.ListenPacket(ctx, network, address)
 	}
 	if network != "unixgram" && !strings.HasPrefix(network, "udp") {
@@ -312,5 +320,6 @@ func ownFD(n int, packet bool) (any, error) {
 		}
 	}
 	syscall.CloseOnExec(n)
+	markActivatedUsed(n)
 	return wrapFD(n, packet, "fd:"+strconv.Itoa(n))
 }

@@ -83,6 +83,11 @@ type response struct {
 }
 
 var (
+	standaloneReady    sync.Once
+	standaloneReadyErr error
+)
+
+var (
 	clientOnce sync.Once
 	theClient  *client
 	clientErr  error
@@ -195,14 +200,16 @@ func (c *client) request(ctx context.Context, m *handoff.Message) (response, err
 // Ready tells the master this worker is ready to serve. Call it once every
 // listener is open (the master counts a generation ready when all its
 // workers are). It is idempotent: later calls return the first result.
-// Outside gorolling it does nothing and returns nil.
+// Outside gorolling it sends READY=1 to $NOTIFY_SOCKET when systemd set one
+// (Type=notify services), and otherwise does nothing.
 func Ready() error {
 	c, err := getClient()
 	if err != nil {
 		return err
 	}
 	if c == nil {
-		return nil
+		standaloneReady.Do(func() { standaloneReadyErr = sdNotify("READY=1") })
+		return standaloneReadyErr
 	}
 	c.readyOnce.Do(func() {
 		r, err := c.request(context.Background(), &handoff.Message{Type: handoff.TypeReady})
@@ -235,6 +242,9 @@ func startDrain(timeout time.Duration) {
 		drain.deadline = time.Now().Add(timeout)
 		drain.mu.Unlock()
 		close(drain.ch)
+		if !IsWorker() {
+			_ = sdNotify("STOPPING=1") // under systemd directly
+		}
 	})
 }
 

@@ -28,6 +28,9 @@ type execOptions struct {
 	pidFile      string
 	logLevel     string
 	logFormat    string
+	listen       []string
+	ready        string
+	nofile       uint64
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -43,6 +46,9 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the master's pid to this file")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringArrayVar(&o.listen, "listen", nil, "pre-open a listener and pass it to every worker as LISTEN_FDS (repeatable): tcp://HOST:PORT, tcp6://[::1]:PORT, udp://HOST:PORT, unix:///PATH?mode=0660, fd://N or fd://NAME, each with an optional ?name=NAME for LISTEN_FDNAMES")
+	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
+	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for workers; 0 means the master's raised limit (the hard limit)")
 	return fs, o
 }
 
@@ -129,16 +135,40 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("--stop-signal: %v", err)
 	}
+	var specs []master.ListenSpec
+	for _, l := range o.listen {
+		ls, err := master.ParseListenSpec(l)
+		if err != nil {
+			return fail("%v", err)
+		}
+		specs = append(specs, ls)
+	}
+	var readyTimer time.Duration
+	readyHint := ""
+	switch {
+	case o.ready == "auto":
+		readyHint = "if the program cannot signal readiness (worker.Ready, or sd_notify READY=1 to $NOTIFY_SOCKET), use --ready=timer:DURATION"
+	case strings.HasPrefix(o.ready, "timer:"):
+		d, err := time.ParseDuration(strings.TrimPrefix(o.ready, "timer:"))
+		if err != nil || d <= 0 {
+			return fail("--ready %q: want timer:DURATION with a positive duration, e.g. timer:2s", o.ready)
+		}
+		if d >= o.readyTimeout {
+			return fail("--ready %q: the timer must be shorter than --ready-timeout (%s)", o.ready, o.readyTimeout)
+		}
+		readyTimer = d
+	default:
+		return fail("--ready %q: want auto or timer:DURATION", o.ready)
+	}
+	if err := setNofile(o.nofile); err != nil {
+		return fail("--nofile: %v", err)
+	}
 	root, err := newLogger(o.logLevel, o.logFormat, stderr)
 	if err != nil {
 		return fail("%v", err)
 	}
 	log := root.Named("master")
 
-	var inh []master.InheritedFD
-	for _, fd := range inherited {
-		inh = append(inh, master.InheritedFD{FD: fd})
-	}
 	m, err := master.New(master.Config{
 		Program:      fs.Arg(0),
 		Args:         fs.Args()[1:],
@@ -147,7 +177,10 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		DrainTimeout: o.drainTimeout,
 		StopSignal:   stopSig,
 		Logger:       log,
-		Inherited:    inh,
+		Inherited:    inherited,
+		Listen:       specs,
+		Shim:         []string{"/proc/self/exe", shimCommand},
+		ReadyTimer:   readyTimer,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling: %v\n", err)
@@ -163,6 +196,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	up := upgrade.New(m, upgrade.Config{
 		ReadyTimeout: o.readyTimeout,
 		DrainTimeout: o.drainTimeout,
+		ReadyHint:    readyHint,
 		Logger:       root.Named("upgrade"),
 	})
 	log.Info("master starting", "pid", os.Getpid(), "version", Version(), "program", fs.Arg(0), "workers", o.workers)
@@ -212,4 +246,24 @@ func removePIDFile(path string) {
 	if err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
 		os.Remove(path)
 	}
+}
+
+// setNofile sets the open-file limit the workers inherit. Go raises its own
+// soft limit to the hard limit at start but gives children the original
+// back, unless the process sets the limit itself (PITFALLS #25): setting it
+// here, even to the raised value, makes the workers inherit it. 0 means the
+// hard limit.
+func setNofile(n uint64) error {
+	var rl syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {
+		return err
+	}
+	if n == 0 {
+		n = rl.Max
+	}
+	if n > rl.Max {
+		return fmt.Errorf("%d is above the hard limit %d", n, rl.Max)
+	}
+	rl.Cur = n
+	return syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl)
 }

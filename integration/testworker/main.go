@@ -20,6 +20,8 @@
 //	rawmanyfd TEXT          the same, with 64 descriptors (overflows the master's buffer)
 //	flood N                 send N valid "ready" records as fast as possible
 //	closeall                close every listener (after reporting)
+//	notify TEXT             send TEXT (\n for newlines) to $NOTIFY_SOCKET
+//	notifysibling TEXT      send it to the notify socket of worker id-1
 //	relisten NET ADDR       close the last listener, then listen again
 //
 // At start it reports the descriptors it inherited (op "fds"), leaving
@@ -195,6 +197,12 @@ func main() {
 					break
 				}
 			}
+		case "notify", "notifysibling":
+			path := os.Getenv("NOTIFY_SOCKET")
+			if name == "notifysibling" {
+				path = strings.Replace(path, "notify-"+strconv.Itoa(worker.ID())+".sock", "notify-"+strconv.Itoa(worker.ID()-1)+".sock", 1)
+			}
+			r.Err = notify(path, strings.ReplaceAll(arg, `\n`, "\n"))
 		case "closeall":
 			for _, l := range listeners {
 				l.Close()
@@ -266,6 +274,18 @@ func sendRaw(text string, nfds int) string {
 		oob = syscall.UnixRights(make([]int, nfds)...) // stdin, nfds times
 	}
 	if err := syscall.Sendmsg(fd, []byte(text), oob, nil, 0); err != nil {
+		return err.Error()
+	}
+	return ""
+}
+
+func notify(path, text string) string {
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		return err.Error()
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(text)); err != nil {
 		return err.Error()
 	}
 	return ""
