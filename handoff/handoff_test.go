@@ -258,3 +258,46 @@ func TestErrnoNames(t *testing.T) {
 		t.Fatal("name for a non-errno error")
 	}
 }
+
+func TestBundleRoundTrip(t *testing.T) {
+	before := openFDs(t)
+	send, recv, err := BundlePair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var socks []int
+	for i := 0; i < 20; i++ {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		socks = append(socks, fd)
+	}
+	type meta struct{ Gen int }
+	if err := SendBundle(int(send.Fd()), meta{Gen: 7}, socks); err != nil {
+		t.Fatal(err)
+	}
+	var got meta
+	fds, err := ReceiveBundle(int(recv.Fd()), &got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Gen != 7 || len(fds) != 20 {
+		t.Fatalf("meta %+v, %d fds", got, len(fds))
+	}
+	for _, fd := range append(fds, socks...) {
+		unix.Close(fd)
+	}
+	// An untaken bundle is discarded without leaking what it carried.
+	fd, _ := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err := SendBundle(int(send.Fd()), meta{}, []int{fd, fd}); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	DiscardBundle(int(recv.Fd()))
+	send.Close()
+	recv.Close()
+	if after := openFDs(t); after != before {
+		t.Fatalf("fd count %d, want %d", after, before)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -32,6 +33,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	bin = dir
+	os.Chmod(dir, 0o755) // other users (nobody) run the binaries in some tests
 	args := append([]string{"build", "-o", dir + "/"}, buildFlags...)
 	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
@@ -99,7 +101,12 @@ type masterOpts struct {
 // Cleanup stops it (and, if it misbehaved, the workers it logged) by pid.
 func startMaster(t *testing.T, o masterOpts) *proc {
 	t.Helper()
-	args := append([]string{binPath("gorolling"), "exec", "--log-format", "json", "--log-level", "debug"}, o.args...)
+	flags := []string{"exec", "--log-format", "json", "--log-level", "debug"}
+	if !slices.Contains(o.args, "--control") && !slices.Contains(o.args, "--name") {
+		// Tests run many masters of the same program: give each its own.
+		flags = append(flags, "--control", filepath.Join(t.TempDir(), "control.sock"))
+	}
+	args := append(append([]string{binPath("gorolling")}, flags...), o.args...)
 	args = append(append([]string{}, o.wrap...), args...)
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Dir = o.dir

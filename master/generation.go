@@ -464,3 +464,83 @@ func (m *Master) collect() {
 		m.log.Info("listener closed: no live worker holds it", "key", s.Key.String(), "addr", s.Addr)
 	}
 }
+
+// maxWorkers bounds Scale.
+const maxWorkers = 1024
+
+// Size returns the number of workers per generation.
+func (m *Master) Size() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.workers
+}
+
+// Scale sets the number of workers per generation to n. The serving
+// generation gets new slots at once, or loses its highest slots (their
+// workers drain, and are killed after the drain timeout). Later
+// generations start with n. It fails while an upgrade starts a generation.
+func (m *Master) Scale(n int) error {
+	if n < 1 || n > maxWorkers {
+		return fmt.Errorf("scale to %d: want 1 to %d workers", n, maxWorkers)
+	}
+	m.mu.Lock()
+	if m.stopping {
+		m.mu.Unlock()
+		return errors.New("scale: the master is stopping")
+	}
+	for _, g := range m.gens {
+		if g.state == GenStarting {
+			m.mu.Unlock()
+			return errors.New("scale: an upgrade is starting a generation; scale again when it is done")
+		}
+	}
+	g := m.serving
+	if g == nil {
+		m.mu.Unlock()
+		return errors.New("scale: no generation is serving")
+	}
+	from := len(g.slots)
+	m.workers = n
+	var add []*slot
+	for i := from; i < n; i++ {
+		s := &slot{index: i}
+		g.slots = append(g.slots, s)
+		add = append(add, s)
+	}
+	if n < from {
+		for _, s := range g.slots[n:] {
+			if s.timer != nil {
+				s.timer.Stop()
+				s.timer = nil
+			}
+			if w := s.w; w != nil && w.state != WorkerExited && w.state != WorkerDraining {
+				w.state = WorkerDraining
+				go m.drainWorker(w)
+				go func() {
+					select {
+					case <-w.done:
+					case <-time.After(m.cfg.DrainTimeout):
+						m.mu.Lock()
+						w.signal(syscall.SIGKILL)
+						m.mu.Unlock()
+					}
+				}()
+			}
+		}
+		g.slots = g.slots[:n]
+	}
+	m.notifyLocked()
+	m.mu.Unlock()
+	m.log.Info("scaled", "generation", g.Num, "from", from, "to", n)
+	for _, s := range add {
+		if err := m.startSlot(g, s); err != nil {
+			m.log.Error("spawn for scale-up failed; retrying with backoff", "slot", s.index, "error", err)
+			m.mu.Lock()
+			s.delay = backoffMin
+			sl := s
+			s.timer = time.AfterFunc(s.delay, func() { m.respawn(g, sl) })
+			m.mu.Unlock()
+		}
+	}
+	return nil
+}

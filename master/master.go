@@ -61,6 +61,13 @@ type Config struct {
 	// empty means a new one under $XDG_RUNTIME_DIR or the temp directory,
 	// removed at stop.
 	RuntimeDir string
+	// Control is the control socket's path; empty means none.
+	Control string
+	// Version is reported by Status.
+	Version string
+	// Restore, from a predecessor master (self-upgrade), replaces Inherited
+	// and Listen: its sockets, keys and counters are taken over.
+	Restore *Restore
 }
 
 // InheritedFD is one inherited socket and its name, if it has one.
@@ -83,15 +90,22 @@ type Master struct {
 	runDir    string
 	ownRunDir bool
 
-	mu       sync.Mutex
-	changed  chan struct{}
-	gens     []*Generation // live generations, oldest first
-	serving  *Generation
-	lastGen  int
-	nextID   int
-	workers  int
-	stopping bool
-	stopped  chan struct{}
+	control *controlServer
+	hooks   Hooks
+	stopReq chan struct{}
+
+	mu             sync.Mutex
+	serviceStarted time.Time // when the first master of this service started
+	masterUpgrades int
+	upgradeNote    string
+	changed        chan struct{}
+	gens           []*Generation // live generations, oldest first
+	serving        *Generation
+	lastGen        int
+	nextID         int
+	workers        int
+	stopping       bool
+	stopped        chan struct{}
 }
 
 // Errors from New.
@@ -144,6 +158,17 @@ func New(cfg Config) (*Master, error) {
 		changed: make(chan struct{}),
 		workers: cfg.Workers,
 		stopped: make(chan struct{}),
+		stopReq: make(chan struct{}, 1),
+	}
+	m.serviceStarted = m.started
+	controlFD := -1
+	if cfg.Restore != nil {
+		var err error
+		if controlFD, err = m.restore(cfg.Restore); err != nil {
+			return nil, err
+		}
+		m.log.Info("state taken over from the previous master", "sockets", len(cfg.Restore.FDs), "last_generation", m.lastGen)
+		cfg.Inherited, cfg.Listen = nil, nil
 	}
 	for _, in := range cfg.Inherited {
 		s, err := m.reg.Adopt(in.FD, in.Name)
@@ -170,6 +195,17 @@ func New(cfg Config) (*Master, error) {
 	if err := m.makeRunDir(); err != nil {
 		m.reg.Close(true)
 		return nil, err
+	}
+	if cfg.Control != "" {
+		if err := m.openControl(cfg.Control, controlFD); err != nil {
+			m.reg.Close(cfg.Restore == nil)
+			if m.ownRunDir {
+				os.RemoveAll(m.runDir)
+			}
+			return nil, fmt.Errorf("master: %w", err)
+		}
+	} else if controlFD >= 0 {
+		unix.Close(controlFD)
 	}
 	return m, nil
 }
@@ -237,6 +273,13 @@ func (m *Master) Resolve() (string, error) {
 	return abs, nil
 }
 
+// LastGeneration returns the number of the newest generation started.
+func (m *Master) LastGeneration() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.lastGen
+}
+
 // Serving returns the serving generation, or nil.
 func (m *Master) Serving() *Generation {
 	m.mu.Lock()
@@ -270,10 +313,17 @@ func (m *Master) Stopping() bool {
 }
 
 // Stop drains every generation within the drain timeout (SIGKILL after
-// it), then closes every listener and removes the unix socket files the
-// master created. It blocks until done and is idempotent: later calls wait
-// for the first.
-func (m *Master) Stop() {
+// it), then closes every listener and the control socket and removes the
+// unix socket files the master created. It blocks until done and is
+// idempotent: later calls wait for the first.
+func (m *Master) Stop() { m.stop(true) }
+
+// Handover is Stop for a master that a successor has replaced: it drains
+// its own workers the same way (only it can reap them), but leaves every
+// socket file in place, since the successor holds the same sockets.
+func (m *Master) Handover() { m.stop(false) }
+
+func (m *Master) stop(final bool) {
 	m.mu.Lock()
 	if m.stopping {
 		m.mu.Unlock()
@@ -284,7 +334,14 @@ func (m *Master) Stop() {
 	gens := append([]*Generation(nil), m.gens...)
 	m.notifyLocked()
 	m.mu.Unlock()
-	m.log.Info("stopping", "generations", len(gens), "drain_timeout", m.cfg.DrainTimeout)
+	if final {
+		m.log.Info("stopping", "generations", len(gens), "drain_timeout", m.cfg.DrainTimeout)
+	} else {
+		m.log.Info("handing over to the new master; draining this master's workers", "generations", len(gens), "drain_timeout", m.cfg.DrainTimeout)
+	}
+	if m.control != nil {
+		m.control.close(final)
+	}
 	var wg sync.WaitGroup
 	for _, g := range gens {
 		wg.Add(1)
@@ -294,7 +351,7 @@ func (m *Master) Stop() {
 		}()
 	}
 	wg.Wait()
-	m.reg.Close(true)
+	m.reg.Close(final)
 	if m.ownRunDir {
 		os.RemoveAll(m.runDir)
 	}
@@ -323,23 +380,26 @@ type Hooks struct {
 	Start func() error
 	// Serving is called once Start has succeeded.
 	Serving func()
-	// Upgrade starts (or queues) a rolling upgrade of the workers (SIGHUP).
-	Upgrade func()
+	// Upgrade starts (or queues) an upgrade and returns a channel that
+	// receives its outcome (SIGHUP: auto, SIGUSR2: master, control).
+	Upgrade func(UpgradeKind) <-chan UpgradeOutcome
 	// Stopping is called once when a stop begins, before the workers are
 	// drained, so that a start or an upgrade in progress can give up.
 	Stopping func()
 }
 
-// Run catches signals, calls h.Start, and then handles signals until the
-// master has stopped:
+// Run catches signals, calls h.Start, and then handles signals and control
+// requests until the master has stopped:
 //
-//	HUP        h.Upgrade (queued while the first generation starts, ignored
-//	           while stopping)
+//	HUP        h.Upgrade(UpgradeAuto): re-exec the master if its binary
+//	           changed on disk, else a new generation of workers
+//	USR2       h.Upgrade(UpgradeMaster): re-exec the master
 //	TERM, INT  graceful stop (Stop); a second TERM or INT kills the workers
+//	TTIN, TTOU one worker more, one fewer
 //
-// USR2, TTIN and TTOU are caught (so they do not kill the master) and
-// logged. Run returns nil after a stop, or h.Start's error once whatever
-// it started has been stopped.
+// Upgrades requested while the first generation starts are queued. Run
+// returns nil after a stop, or h.Start's error once whatever it started has
+// been stopped.
 func (m *Master) Run(h Hooks) error {
 	sigs := make(chan os.Signal, 16)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM,
@@ -347,11 +407,12 @@ func (m *Master) Run(h Hooks) error {
 	defer signal.Stop(sigs)
 
 	stopRequested := false
-	stop := func() {
+	stop := func(via string) {
 		if stopRequested {
 			return
 		}
 		stopRequested = true
+		m.log.Info("stop requested", "via", via)
 		if h.Stopping != nil {
 			h.Stopping()
 		}
@@ -362,8 +423,16 @@ func (m *Master) Run(h Hooks) error {
 	if starting {
 		go func() { started <- h.Start() }()
 	}
+	upgrade := func(k UpgradeKind) <-chan UpgradeOutcome {
+		if h.Upgrade == nil {
+			ch := make(chan UpgradeOutcome, 1)
+			ch <- UpgradeOutcome{Kind: k.String(), Error: "upgrades are not configured"}
+			return ch
+		}
+		return h.Upgrade(k)
+	}
 	stops := 0
-	upgradeQueued := false
+	var queued []UpgradeKind
 	for {
 		select {
 		case err := <-started:
@@ -377,44 +446,60 @@ func (m *Master) Run(h Hooks) error {
 				<-m.stopped
 				return err
 			}
+			m.mu.Lock()
+			m.hooks = Hooks{Upgrade: h.Upgrade} // the control socket may upgrade now
+			m.mu.Unlock()
 			if h.Serving != nil && !stopRequested {
 				h.Serving()
 			}
-			if upgradeQueued && !stopRequested && h.Upgrade != nil {
-				h.Upgrade()
+			for _, k := range queued {
+				if !stopRequested {
+					upgrade(k)
+				}
 			}
+			queued = nil
 		case <-m.stopped:
 			if starting {
 				<-started
 			}
 			return nil
+		case <-m.stopReq:
+			stop("control")
 		case s := <-sigs:
 			sig := s.(syscall.Signal)
+			name := unix.SignalName(sig)
 			switch sig {
-			case syscall.SIGHUP:
+			case syscall.SIGHUP, syscall.SIGUSR2:
+				kind := UpgradeAuto
+				if sig == syscall.SIGUSR2 {
+					kind = UpgradeMaster
+				}
 				switch {
 				case stopRequested:
-					m.log.Warn("upgrade ignored: the master is stopping", "signal", "SIGHUP")
+					m.log.Warn("upgrade ignored: the master is stopping", "signal", name)
 				case starting:
-					m.log.Info("upgrade queued until the first generation serves", "signal", "SIGHUP")
-					upgradeQueued = true
+					m.log.Info("upgrade queued until the first generation serves", "signal", name)
+					queued = append(queued, kind)
 				default:
-					m.log.Info("upgrade requested", "signal", "SIGHUP")
-					if h.Upgrade != nil {
-						h.Upgrade()
-					}
+					m.log.Info("upgrade requested", "signal", name, "kind", kind.String())
+					upgrade(kind)
 				}
 			case syscall.SIGINT, syscall.SIGTERM:
 				stops++
 				if stops > 1 {
-					m.log.Warn("second stop signal: killing workers now", "signal", unix.SignalName(sig))
+					m.log.Warn("second stop signal: killing workers now", "signal", name)
 					m.Kill()
 					continue
 				}
-				m.log.Info("stop requested", "signal", unix.SignalName(sig))
-				stop()
-			default:
-				m.log.Warn("signal not supported in this version; ignored", "signal", unix.SignalName(sig))
+				stop(name)
+			case syscall.SIGTTIN, syscall.SIGTTOU:
+				n := m.Size() + 1
+				if sig == syscall.SIGTTOU {
+					n = m.Size() - 1
+				}
+				if err := m.Scale(n); err != nil {
+					m.log.Warn("scale refused", "signal", name, "error", err)
+				}
 			}
 		}
 	}

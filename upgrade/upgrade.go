@@ -1,18 +1,26 @@
-// Package upgrade owns generation rollover: it starts the first generation,
-// and on each request starts generation G+1 from the program as it is on
-// disk now, waits until every new worker is ready, then drains generation
-// G. A new worker that exits or misses the ready timeout rolls the upgrade
-// back: G+1 is drained and G keeps serving. Requests that arrive while an
-// upgrade runs are coalesced into one more upgrade after it.
+// Package upgrade owns generation rollover and the master's self-upgrade.
 //
-// The package decides policy only; it never touches sockets or processes
-// directly, which the master package owns.
+// Rollover: it starts the first generation, and on each request starts
+// generation G+1 from the program as it is on disk now, waits until every
+// new worker is ready, then drains generation G. A new worker that exits or
+// misses the ready timeout rolls the upgrade back: G+1 is drained and G
+// keeps serving. Requests that arrive while an upgrade runs are coalesced
+// into one more upgrade after it.
+//
+// Self-upgrade (Self): the master re-execs itself with cloudflare/tableflip
+// and hands its sockets to the new master, which starts its own generation;
+// once that is ready the old master drains its workers and exits. A new
+// master that fails leaves the old one serving.
+//
+// The package decides policy only; it never opens, binds or accepts on a
+// socket: the master package owns them.
 package upgrade
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -31,10 +39,17 @@ type Config struct {
 	ReadyHint string
 	// Logger receives upgrade events; nil means none.
 	Logger hclog.Logger
+	// Self, if set, makes master self-upgrades possible and tells systemd
+	// about readiness (READY=1, RELOADING=1, MAINPID=).
+	Self *Self
 }
 
 // Result reports one finished upgrade.
 type Result struct {
+	// Kind is what was upgraded: "workers" or "master".
+	Kind string
+	// NewMaster is the new master's pid after a master upgrade.
+	NewMaster int
 	// From is the generation that served before; To the one started.
 	From, To int
 	// Err is nil if To took over, else why the upgrade rolled back.
@@ -68,9 +83,11 @@ type Manager struct {
 	mu             sync.Mutex
 	running        bool
 	pending        bool
+	pendingKind    master.UpgradeKind
 	pendingAt      time.Time
 	pendingWaiters []chan Result
 	last           *Result
+	handedOver     bool
 }
 
 // New returns a manager for m.
@@ -87,12 +104,18 @@ func New(m *master.Master, cfg Config) *Manager {
 // ready (the rest keep being respawned). It fails, after stopping whatever
 // it started, if the program cannot be resolved or started, if every
 // worker exits before any is ready, or if none is ready in time.
+//
+// A master that replaces a previous one (Self.HasParent) is stricter: all
+// its workers must be ready in time, or it fails and the previous master
+// keeps serving. Once the generation serves, Start writes the PID file and
+// tells systemd (READY=1, and MAINPID= after a self-upgrade).
 func (u *Manager) Start() (*master.Generation, error) {
 	path, err := u.m.Resolve()
 	if err != nil {
 		return nil, err
 	}
-	g, err := u.m.StartGeneration(path, true)
+	successor := u.cfg.Self != nil && u.cfg.Self.HasParent()
+	g, err := u.m.StartGeneration(path, !successor)
 	if err != nil {
 		if g != nil {
 			g.Drain(u.cfg.DrainTimeout)
@@ -101,51 +124,86 @@ func (u *Manager) Start() (*master.Generation, error) {
 	}
 	ctx, cancel := context.WithTimeout(u.ctx, u.cfg.ReadyTimeout)
 	defer cancel()
-	if err := g.WaitFirst(ctx); err != nil {
+	if successor {
+		err = g.WaitReady(ctx)
+	} else {
+		err = g.WaitFirst(ctx)
+	}
+	if err == nil && successor {
+		_, err = u.m.Promote(g)
+	}
+	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) && u.cfg.ReadyHint != "" {
 			err = fmt.Errorf("%w (%s)", err, u.cfg.ReadyHint)
 		}
 		g.Drain(u.cfg.DrainTimeout)
 		return nil, err
 	}
-	ready := 0
-	for _, w := range g.Workers() {
-		if w != nil {
-			ready++
-		}
-	}
 	slowest, _ := g.ReadyTiming()
 	u.log.Info("generation serving", "generation", g.Num, "duration", time.Since(g.Started).Round(time.Microsecond), "worker_start", slowest.Round(time.Microsecond))
+	if u.cfg.Self != nil {
+		if err := u.cfg.Self.ready(); err != nil {
+			// The PID file could not be written, or the previous master
+			// could not be told: it will time out and stay; we must go.
+			g.Drain(u.cfg.DrainTimeout)
+			return nil, fmt.Errorf("ready: %w", err)
+		}
+		if successor {
+			u.log.Info("master upgrade: new master serving", "pid", os.Getpid(), "generation", g.Num)
+		}
+	}
 	return g, nil
 }
 
-// Trigger requests an upgrade and returns a channel that receives its
-// result. If none runs, one starts now. If one runs, the request joins the
-// single upgrade queued after it (its program may have been resolved before
-// the new binary was in place), however many requests arrive meanwhile.
-func (u *Manager) Trigger() <-chan Result {
+// Trigger requests an upgrade of the given kind and returns a channel that
+// receives its result. If none runs, one starts now. If one runs, the
+// request joins the single upgrade queued after it (its program may have
+// been resolved before the new binary was in place), however many requests
+// arrive meanwhile; a queued master upgrade absorbs worker upgrades, since
+// a new master starts a new generation too.
+func (u *Manager) Trigger(kind master.UpgradeKind) <-chan Result {
 	now := time.Now()
 	ch := make(chan Result, 1)
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.ctx.Err() != nil || u.m.Stopping() {
-		ch <- Result{Err: ErrStopping, Requested: now}
+		ch <- Result{Err: ErrStopping, Requested: now, Kind: kind.String()}
 		return ch
 	}
 	if u.running {
 		if u.pending {
-			u.log.Info("upgrade request coalesced with the queued one")
+			u.log.Info("upgrade request coalesced with the queued one", "kind", kind.String())
+			if kind == master.UpgradeMaster {
+				u.pendingKind = kind
+			}
 		} else {
-			u.pending, u.pendingAt = true, now
-			u.log.Info("upgrade queued: another is in progress")
+			u.pending, u.pendingAt, u.pendingKind = true, now, kind
+			u.log.Info("upgrade queued: another is in progress", "kind", kind.String())
 		}
 		u.pendingWaiters = append(u.pendingWaiters, ch)
 		return ch
 	}
 	u.running = true
 	u.wg.Add(1)
-	go u.loop(now, []chan Result{ch})
+	go u.loop(now, kind, []chan Result{ch})
 	return ch
+}
+
+// Outcome is Trigger for the master's hooks: the result as the control
+// socket reports it.
+func (u *Manager) Outcome(kind master.UpgradeKind) <-chan master.UpgradeOutcome {
+	out := make(chan master.UpgradeOutcome, 1)
+	res := u.Trigger(kind)
+	go func() {
+		r := <-res
+		o := master.UpgradeOutcome{Kind: r.Kind, From: r.From, To: r.To, OK: r.Err == nil,
+			DurationMS: r.Finished.Milliseconds(), NewPID: r.NewMaster}
+		if r.Err != nil {
+			o.Error = r.Err.Error()
+		}
+		out <- o
+	}()
+	return out
 }
 
 // Running reports whether an upgrade is in progress.
@@ -173,27 +231,41 @@ func (u *Manager) Wait() {
 	u.wg.Wait()
 }
 
-func (u *Manager) loop(at time.Time, waiters []chan Result) {
+func (u *Manager) loop(at time.Time, kind master.UpgradeKind, waiters []chan Result) {
 	defer u.wg.Done()
 	for {
-		res := u.run(at)
+		res := u.run(at, kind)
 		u.mu.Lock()
 		u.last = &res
 		for _, w := range waiters {
 			w <- res
+		}
+		if res.Kind == "master" && res.Err == nil {
+			// A new master serves: hand over and refuse anything queued.
+			u.handedOver = true
+			u.running = false
+			pend := u.pendingWaiters
+			u.pending, u.pendingWaiters = false, nil
+			u.mu.Unlock()
+			for _, w := range pend {
+				w <- Result{Err: errors.New("the master was replaced; ask the new master"), Requested: at, Kind: "master"}
+			}
+			u.cancel()
+			go u.m.Handover()
+			return
 		}
 		if !u.pending {
 			u.running = false
 			u.mu.Unlock()
 			return
 		}
-		at, waiters = u.pendingAt, u.pendingWaiters
+		at, kind, waiters = u.pendingAt, u.pendingKind, u.pendingWaiters
 		u.pending, u.pendingWaiters = false, nil
 		if u.ctx.Err() != nil {
 			u.running = false
 			u.mu.Unlock()
 			for _, w := range waiters {
-				w <- Result{Err: ErrStopping, Requested: at}
+				w <- Result{Err: ErrStopping, Requested: at, Kind: kind.String()}
 			}
 			return
 		}
@@ -202,8 +274,58 @@ func (u *Manager) loop(at time.Time, waiters []chan Result) {
 }
 
 // run performs one upgrade.
-func (u *Manager) run(at time.Time) Result {
-	res := Result{Requested: at}
+func (u *Manager) run(at time.Time, kind master.UpgradeKind) Result {
+	if kind == master.UpgradeAuto {
+		kind = master.UpgradeWorkers
+		if u.cfg.Self != nil && u.cfg.Self.BinaryChanged() {
+			u.log.Info("the gorolling binary changed on disk: upgrading the master")
+			kind = master.UpgradeMaster
+		}
+	}
+	u.cfg.Self.sdNotify("RELOADING=1\nSTATUS=upgrading")
+	var res Result
+	if kind == master.UpgradeMaster {
+		res = u.runMaster(at)
+	} else {
+		res = u.runWorkers(at)
+	}
+	if !(res.Kind == "master" && res.Err == nil) {
+		u.cfg.Self.sdNotify("READY=1\nSTATUS=serving")
+	}
+	u.m.SetUpgradeNote("")
+	return res
+}
+
+// runMaster re-execs the master (see Self).
+func (u *Manager) runMaster(at time.Time) Result {
+	res := Result{Requested: at, Kind: "master"}
+	if cur := u.m.Serving(); cur != nil {
+		res.From = cur.Num
+	}
+	if u.cfg.Self == nil {
+		res.Err = errors.New("master self-upgrade is not available in this process")
+		return res
+	}
+	u.log.Info("master upgrade started", "from", res.From)
+	u.m.SetUpgradeNote("starting a new master")
+	next := u.m.LastGeneration() + 1
+	pid, err := u.cfg.Self.upgrade(u.m)
+	res.Finished = time.Since(at)
+	if err != nil {
+		res.Err = err
+		u.log.Error("master upgrade failed; this master keeps serving", "reason", err.Error(), "duration", res.Finished.Round(time.Millisecond))
+		return res
+	}
+	res.NewMaster = pid
+	res.Ready = res.Finished
+	res.To = next
+	u.log.Info("master upgrade ready: the new master serves; draining this one", "new_pid", pid, "duration", res.Finished.Round(time.Millisecond))
+	return res
+}
+
+// runWorkers performs one worker rollover.
+func (u *Manager) runWorkers(at time.Time) Result {
+	res := Result{Requested: at, Kind: "workers"}
 	if cur := u.m.Serving(); cur != nil {
 		res.From = cur.Num
 	}
@@ -233,6 +355,7 @@ func (u *Manager) run(at time.Time) Result {
 		return fail(g, err)
 	}
 	res.To = g.Num
+	u.m.SetUpgradeNote(fmt.Sprintf("starting generation %d", g.Num))
 	ctx, cancel := context.WithTimeout(u.ctx, u.cfg.ReadyTimeout)
 	err = g.WaitReady(ctx)
 	cancel()
@@ -259,6 +382,7 @@ func (u *Manager) run(at time.Time) Result {
 		"worker_start", res.WorkerStart.Round(time.Microsecond),
 		"overhead", (res.Ready - res.WorkerStart).Round(time.Microsecond))
 	if old != nil {
+		u.m.SetUpgradeNote(fmt.Sprintf("draining generation %d", old.Num))
 		old.Drain(u.cfg.DrainTimeout)
 	}
 	res.Finished = time.Since(at)

@@ -31,6 +31,8 @@ type execOptions struct {
 	listen       []string
 	ready        string
 	nofile       uint64
+	name         string
+	control      string
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -48,7 +50,9 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringArrayVar(&o.listen, "listen", nil, "pre-open a listener and pass it to every worker as LISTEN_FDS (repeatable): tcp://HOST:PORT, tcp6://[::1]:PORT, udp://HOST:PORT, unix:///PATH?mode=0660, fd://N or fd://NAME, each with an optional ?name=NAME for LISTEN_FDNAMES")
 	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
-	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for workers; 0 means the master's raised limit (the hard limit)")
+	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for the master and its workers; 0 means the hard limit")
+	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+master.DefaultControlDir()+"/NAME.sock (default: the program's file name)")
+	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
 
@@ -167,8 +171,38 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
+	control, err := controlPath(o.control, o.name, fs.Arg(0))
+	if err != nil {
+		return fail("%v", err)
+	}
+	pidFile := o.pidFile
+	if pidFile != "" {
+		if pidFile, err = filepath.Abs(pidFile); err != nil {
+			return fail("--pid-file: %v", err)
+		}
+	}
 	log := root.Named("master")
 
+	self, err := upgrade.NewSelf(upgrade.SelfConfig{
+		PIDFile:        pidFile,
+		UpgradeTimeout: o.readyTimeout + 15*time.Second,
+		Logger:         root.Named("upgrade"),
+	})
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling: %v\n", err)
+		return 1
+	}
+	var restore *master.Restore
+	var inherited []master.InheritedFD
+	if self.HasParent() {
+		if restore, err = self.Inherited(); err != nil {
+			log.Error("cannot take over from the previous master", "error", err)
+			fmt.Fprintf(stderr, "gorolling: %v\n", err)
+			return 1
+		}
+	} else {
+		inherited = scanInherited()
+	}
 	m, err := master.New(master.Config{
 		Program:      fs.Arg(0),
 		Args:         fs.Args()[1:],
@@ -181,31 +215,31 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Listen:       specs,
 		Shim:         []string{"/proc/self/exe", shimCommand},
 		ReadyTimer:   readyTimer,
+		Control:      control,
+		Version:      Version(),
+		Restore:      restore,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling: %v\n", err)
 		return 1
 	}
-	if o.pidFile != "" {
-		if err := writePIDFile(o.pidFile); err != nil {
-			fmt.Fprintf(stderr, "gorolling: pid file: %v\n", err)
-			return 1
-		}
-		defer removePIDFile(o.pidFile)
+	if pidFile != "" {
+		defer removePIDFile(pidFile)
 	}
 	up := upgrade.New(m, upgrade.Config{
 		ReadyTimeout: o.readyTimeout,
 		DrainTimeout: o.drainTimeout,
 		ReadyHint:    readyHint,
 		Logger:       root.Named("upgrade"),
+		Self:         self,
 	})
-	log.Info("master starting", "pid", os.Getpid(), "version", Version(), "program", fs.Arg(0), "workers", o.workers)
+	log.Info("master starting", "pid", os.Getpid(), "version", Version(), "program", fs.Arg(0), "workers", o.workers, "control", control, "successor", self.HasParent())
 	err = m.Run(master.Hooks{
 		Start: func() error {
 			_, err := up.Start()
 			return err
 		},
-		Upgrade:  func() { up.Trigger() },
+		Upgrade:  up.Outcome,
 		Stopping: up.Stop,
 	})
 	up.Stop()
@@ -218,26 +252,22 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// writePIDFile writes the pid atomically (temp file, then rename).
-func writePIDFile(path string) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, ".gorolling-pid-*")
-	if err != nil {
-		return err
+// controlPath picks the control socket: --control, else --name, else the
+// program's file name, in the default directory. "none" disables it.
+func controlPath(control, name, program string) (string, error) {
+	if control == "none" {
+		return "", nil
 	}
-	defer os.Remove(f.Name())
-	if _, err := fmt.Fprintf(f, "%d\n", os.Getpid()); err != nil {
-		f.Close()
-		return err
+	if control != "" {
+		return filepath.Abs(control)
 	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		return err
+	if name == "" {
+		name = filepath.Base(program)
 	}
-	if err := f.Close(); err != nil {
-		return err
+	if name == "" || name == "." || strings.ContainsAny(name, "/\x00") {
+		return "", fmt.Errorf("--name %q: want a plain name (no '/')", name)
 	}
-	return os.Rename(f.Name(), path)
+	return master.DefaultControlPath(name), nil
 }
 
 // removePIDFile removes the pid file if it still names this process.

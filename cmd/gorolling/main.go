@@ -24,16 +24,11 @@ import (
 // version is stamped at build time: -ldflags "-X main.version=1.2.3".
 var version = ""
 
-// inherited are the sockets this process inherited, with the names
-// systemd gave them (socket activation), scanned first thing in main.
-var inherited []master.InheritedFD
-
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == shimCommand {
 		// Before anything marks the inherited descriptors close-on-exec.
 		os.Exit(runShim(os.Args[2:]))
 	}
-	inherited = scanInherited()
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
@@ -100,6 +95,32 @@ func init() {
 			long:    execLong,
 			flags:   func() *pflag.FlagSet { fs, _ := execFlags(); return fs },
 			run:     runExec,
+		},
+		{
+			name: "status", args: "[--name NAME | --control PATH] [--json]",
+			summary: "show the master, its workers and its listeners",
+			long:    "Asks the running master over its control socket. --json prints the same data for machines.",
+			flags:   func() *pflag.FlagSet { fs, _, _ := statusFlags(); return fs },
+			run:     runStatus,
+		},
+		{
+			name: "upgrade", args: "[--wait] [--timeout D] [--master | --workers] [--name NAME | --control PATH]",
+			summary: "start the same upgrade as SIGHUP (or SIGUSR2 with --master)",
+			long:    upgradeLong,
+			flags:   func() *pflag.FlagSet { fs, _ := upgradeFlags(); return fs },
+			run:     runUpgrade,
+		},
+		{
+			name: "scale", args: "N|+N|-N [--name NAME | --control PATH]",
+			summary: "set the number of workers (SIGTTIN and SIGTTOU add and remove one)",
+			flags:   func() *pflag.FlagSet { fs, _ := scaleFlags(); return fs },
+			run:     runScale,
+		},
+		{
+			name: "stop", args: "[--timeout D] [--name NAME | --control PATH]",
+			summary: "drain every worker and stop the master, like SIGTERM; waits for it to exit",
+			flags:   func() *pflag.FlagSet { fs, _ := stopFlags(); return fs },
+			run:     runStop,
 		},
 		{
 			name: "version", summary: "print the version",
@@ -189,9 +210,21 @@ func Version() string {
 
 // signalHelp documents the master's signals (usage and man page).
 var signalHelp = [][2]string{
-	{"HUP", "start a new generation from the program on disk; drain the old one once the new one is ready"},
+	{"HUP", "upgrade: re-exec the master if the gorolling binary changed on disk, else start a new generation of workers from the program on disk; the old one drains once the new one is ready"},
+	{"USR2", "re-exec the master from the gorolling binary on disk (it starts its own generation; this master then drains its workers and exits)"},
 	{"TERM, INT", "drain every worker and exit 0; a second one kills the workers"},
+	{"TTIN, TTOU", "one worker more, one worker fewer"},
 }
+
+const upgradeLong = `Asks the running master for an upgrade. By default it does what SIGHUP does:
+if the gorolling binary on disk changed since the master started, the master
+re-execs itself (the new master starts its own generation of workers, then the
+old master drains its workers and exits); otherwise it starts a new generation
+of workers from the program on disk and drains the old one.
+
+With --wait it blocks until the upgrade has finished, and exits 0 only if the
+new generation (or master) took over; otherwise it exits 1 and prints why the
+upgrade was rolled back. Deploy scripts use: gorolling upgrade --wait --name NAME`
 
 func usage(w io.Writer) {
 	fmt.Fprint(w, "gorolling runs a program as N worker processes that share listening sockets,\nand on SIGHUP replaces them with a new generation without dropping a request.\n\nUsage:\n")

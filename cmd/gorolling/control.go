@@ -1,0 +1,373 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/gorolling/gorolling/master"
+	"github.com/spf13/pflag"
+)
+
+// clientFlags are the flags every control command takes.
+type clientFlags struct {
+	name    string
+	control string
+}
+
+func (c *clientFlags) add(fs *pflag.FlagSet) {
+	fs.StringVar(&c.name, "name", "", "the service's name, as given to (or defaulted by) gorolling exec --name")
+	fs.StringVar(&c.control, "control", "", "the control socket's path (overrides --name)")
+}
+
+// socket finds the master's control socket: --control, --name, or the only
+// socket in the default directory.
+func (c *clientFlags) socket() (string, error) {
+	if c.control != "" {
+		return c.control, nil
+	}
+	if c.name != "" {
+		return master.DefaultControlPath(c.name), nil
+	}
+	dir := master.DefaultControlDir()
+	matches, _ := filepath.Glob(filepath.Join(dir, "*.sock"))
+	switch len(matches) {
+	case 0:
+		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", dir)
+	case 1:
+		return matches[0], nil
+	}
+	var names []string
+	for _, m := range matches {
+		names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
+	}
+	return "", fmt.Errorf("several masters run (%s): pick one with --name", strings.Join(names, ", "))
+}
+
+// call sends one request and returns the answer. wait bounds the whole
+// exchange.
+func call(path string, req master.ControlRequest, wait time.Duration) (*master.ControlResponse, error) {
+	conn, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("connect to the master at %s: %w", path, err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(wait))
+	b, _ := json.Marshal(req)
+	if _, err := conn.Write(append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("send to the master: %w", err)
+	}
+	line, err := bufio.NewReader(conn).ReadBytes('\n')
+	if err != nil {
+		if errors.Is(err, io.EOF) && len(line) == 0 {
+			return nil, errors.New("the master closed the connection without answering")
+		}
+		if len(line) == 0 {
+			return nil, fmt.Errorf("read the master's answer: %w", err)
+		}
+	}
+	var resp master.ControlResponse
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return nil, fmt.Errorf("bad answer from the master: %w", err)
+	}
+	return &resp, nil
+}
+
+// parseClient parses a control command's flags; it returns a non-negative
+// exit code when the command should end at once.
+func parseClient(fs *pflag.FlagSet, args []string, c *command, stdout, stderr io.Writer) int {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			commandUsage(stdout, c)
+			return 0
+		}
+		fmt.Fprintf(stderr, "gorolling %s: %v\nRun 'gorolling help %s' for usage.\n", c.name, err, c.name)
+		return 2
+	}
+	return -1
+}
+
+func statusFlags() (*pflag.FlagSet, *clientFlags, *bool) {
+	fs := pflag.NewFlagSet("status", pflag.ContinueOnError)
+	cf := &clientFlags{}
+	cf.add(fs)
+	asJSON := fs.Bool("json", false, "print the status as JSON")
+	return fs, cf, asJSON
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) int {
+	fs, cf, asJSON := statusFlags()
+	if code := parseClient(fs, args, findCommand("status"), stdout, stderr); code >= 0 {
+		return code
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "gorolling status: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	path, err := cf.socket()
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling status: %v\n", err)
+		return 1
+	}
+	resp, err := call(path, master.ControlRequest{Cmd: "status"}, 10*time.Second)
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling status: %v\n", err)
+		return 1
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		enc.Encode(resp.Status)
+		return 0
+	}
+	printStatus(stdout, resp.Status)
+	return 0
+}
+
+func dur(sec float64) string {
+	d := time.Duration(sec * float64(time.Second))
+	switch {
+	case d < time.Minute:
+		return d.Round(100 * time.Millisecond).String()
+	case d < time.Hour:
+		return d.Round(time.Second).String()
+	}
+	return d.Round(time.Minute).String()
+}
+
+func printStatus(w io.Writer, st *master.Status) {
+	fmt.Fprintf(w, "master     pid %d, up %s, version %s\n", st.PID, dur(st.UptimeSec), st.Version)
+	fmt.Fprintf(w, "program    %s\n", st.Program)
+	serving := "none"
+	if st.Generation > 0 {
+		serving = fmt.Sprintf("generation %d, %d workers", st.Generation, st.Workers)
+	}
+	fmt.Fprintf(w, "serving    %s\n", serving)
+	up := st.Upgrade
+	if up == "" {
+		up = "none in progress"
+	}
+	fmt.Fprintf(w, "upgrade    %s\n", up)
+	if st.MasterUpgrades > 0 {
+		fmt.Fprintf(w, "service    up since %s, %d master upgrades\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades)
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "GEN\tSLOT\tID\tPID\tSTATE\tUPTIME\tRESTARTS\tSTATUS")
+	for _, p := range st.Processes {
+		gen := strconv.Itoa(p.Generation)
+		if p.GenState != "serving" {
+			gen += " (" + p.GenState + ")"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, p.Status)
+	}
+	tw.Flush()
+	fmt.Fprintln(w)
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "LISTENER\tADDRESS\tKIND\tNAME\tGENERATIONS")
+	ls := append([]master.ListenerStatus(nil), st.Listeners...)
+	sort.Slice(ls, func(i, j int) bool { return ls[i].Key < ls[j].Key })
+	for _, l := range ls {
+		var gens []string
+		for _, g := range l.Generations {
+			gens = append(gens, strconv.Itoa(g))
+		}
+		g := strings.Join(gens, ",")
+		if g == "" {
+			g = "-"
+		}
+		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", l.Key, l.Network, l.Address, l.Kind, l.Name, g)
+	}
+	tw.Flush()
+}
+
+type upgradeOpts struct {
+	clientFlags
+	wait    bool
+	timeout time.Duration
+	master  bool
+	workers bool
+}
+
+func upgradeFlags() (*pflag.FlagSet, *upgradeOpts) {
+	o := &upgradeOpts{}
+	fs := pflag.NewFlagSet("upgrade", pflag.ContinueOnError)
+	o.add(fs)
+	fs.BoolVar(&o.wait, "wait", false, "wait until the upgrade has finished; exit 0 only if the new generation (or master) took over")
+	fs.DurationVar(&o.timeout, "timeout", 10*time.Minute, "with --wait, give up waiting after this long (the upgrade goes on)")
+	fs.BoolVar(&o.master, "master", false, "re-exec the master from the gorolling binary on disk, like SIGUSR2")
+	fs.BoolVar(&o.workers, "workers", false, "only start a new generation of workers, even if the gorolling binary changed")
+	return fs, o
+}
+
+func runUpgrade(args []string, stdout, stderr io.Writer) int {
+	fs, o := upgradeFlags()
+	if code := parseClient(fs, args, findCommand("upgrade"), stdout, stderr); code >= 0 {
+		return code
+	}
+	if o.master && o.workers {
+		fmt.Fprintln(stderr, "gorolling upgrade: --master and --workers exclude each other")
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "gorolling upgrade: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	path, err := o.socket()
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling upgrade: %v\n", err)
+		return 1
+	}
+	req := master.ControlRequest{Cmd: "upgrade", Wait: o.wait, TimeoutMS: o.timeout.Milliseconds(), Kind: "auto"}
+	if o.master {
+		req.Kind = "master"
+	} else if o.workers {
+		req.Kind = "workers"
+	}
+	resp, err := call(path, req, o.timeout+10*time.Second)
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling upgrade: %v\n", err)
+		return 1
+	}
+	if !resp.OK {
+		fmt.Fprintf(stderr, "gorolling upgrade: failed: %s\n", resp.Error)
+		return 1
+	}
+	if !o.wait {
+		fmt.Fprintln(stdout, "upgrade started")
+		return 0
+	}
+	u := resp.Upgrade
+	if u.Kind == "master" {
+		fmt.Fprintf(stdout, "master upgraded: new master pid %d serves generation %d (%d ms)\n", u.NewPID, u.To, u.DurationMS)
+	} else {
+		fmt.Fprintf(stdout, "upgraded: generation %d replaced generation %d (%d ms)\n", u.To, u.From, u.DurationMS)
+	}
+	return 0
+}
+
+func scaleFlags() (*pflag.FlagSet, *clientFlags) {
+	fs := pflag.NewFlagSet("scale", pflag.ContinueOnError)
+	cf := &clientFlags{}
+	cf.add(fs)
+	return fs, cf
+}
+
+func runScale(args []string, stdout, stderr io.Writer) int {
+	fs, cf := scaleFlags()
+	if code := parseClient(fs, args, findCommand("scale"), stdout, stderr); code >= 0 {
+		return code
+	}
+	if fs.NArg() != 1 {
+		fmt.Fprintln(stderr, "gorolling scale: want one argument: the number of workers, or +N / -N")
+		return 2
+	}
+	arg := fs.Arg(0)
+	req := master.ControlRequest{Cmd: "scale"}
+	n, err := strconv.Atoi(arg)
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling scale: %q is not a number\n", arg)
+		return 2
+	}
+	if strings.HasPrefix(arg, "+") || strings.HasPrefix(arg, "-") {
+		req.Delta = n
+	} else {
+		req.Workers = n
+	}
+	if req.Delta == 0 && req.Workers < 1 {
+		fmt.Fprintln(stderr, "gorolling scale: want at least 1 worker")
+		return 2
+	}
+	path, err := cf.socket()
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling scale: %v\n", err)
+		return 1
+	}
+	resp, err := call(path, req, 30*time.Second)
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling scale: %v\n", err)
+		return 1
+	}
+	fmt.Fprintf(stdout, "scaled to %d workers\n", resp.Workers)
+	return 0
+}
+
+type stopOpts struct {
+	clientFlags
+	timeout time.Duration
+}
+
+func stopFlags() (*pflag.FlagSet, *stopOpts) {
+	o := &stopOpts{}
+	fs := pflag.NewFlagSet("stop", pflag.ContinueOnError)
+	o.add(fs)
+	fs.DurationVar(&o.timeout, "timeout", 2*time.Minute, "wait this long for the master to exit")
+	return fs, o
+}
+
+func runStop(args []string, stdout, stderr io.Writer) int {
+	fs, o := stopFlags()
+	if code := parseClient(fs, args, findCommand("stop"), stdout, stderr); code >= 0 {
+		return code
+	}
+	path, err := o.socket()
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling stop: %v\n", err)
+		return 1
+	}
+	st, err := call(path, master.ControlRequest{Cmd: "status"}, 10*time.Second)
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling stop: %v\n", err)
+		return 1
+	}
+	resp, err := call(path, master.ControlRequest{Cmd: "stop"}, 10*time.Second)
+	if err == nil && !resp.OK {
+		err = errors.New(resp.Error)
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "gorolling stop: %v\n", err)
+		return 1
+	}
+	// Wait for the master process to go.
+	pid := st.Status.PID
+	deadline := time.Now().Add(o.timeout)
+	for processAlive(pid) {
+		if time.Now().After(deadline) {
+			fmt.Fprintf(stderr, "gorolling stop: master %d still running after %s\n", pid, o.timeout)
+			return 1
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	fmt.Fprintf(stdout, "stopped master %d\n", pid)
+	return 0
+}
+
+// processAlive reports whether pid runs (a zombie does not).
+func processAlive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
+		return s[i+2] != 'Z'
+	}
+	return true
+}
