@@ -804,3 +804,52 @@ func TestDebUpgrade(t *testing.T) {
 
 	removeAndCheck(t, debB)
 }
+
+// TestRPMInstallRemove installs the .rpm into a scratch root with its own
+// database (scripts off: the root has no shell), checks the installed
+// files, upgrades it to version B, erases it and checks nothing of it is
+// left. The scripts themselves are covered by TestMaintainerScripts.
+func TestRPMInstallRemove(t *testing.T) {
+	requireRoot(t)
+	requireTools(t, "rpm")
+	_, rpmA := buildFor(t, versionA)
+	_, rpmB := buildFor(t, versionB)
+	root := t.TempDir()
+	rpmIn := func(args ...string) string {
+		t.Helper()
+		return mustCommand(t, "rpm", append([]string{"--root", root, "--dbpath", "/var/lib/rpm"}, args...)...)
+	}
+
+	rpmIn("-i", "--nodeps", "--noscripts", rpmA)
+	for _, w := range expectedFiles("rpm") {
+		fi, err := os.Stat(filepath.Join(root, w.path))
+		if err != nil {
+			t.Errorf("installed: %v", err)
+			continue
+		}
+		if fi.Mode().String() != w.perms {
+			t.Errorf("installed %s is %s, want %s", w.path, fi.Mode(), w.perms)
+		}
+	}
+	rpmIn("-V", "gorolling")
+	if got := mustCommand(t, filepath.Join(root, binPath), "version"); got != "gorolling "+versionA+"\n" {
+		t.Errorf("installed binary printed %q", got)
+	}
+
+	rpmIn("-U", "--nodeps", "--noscripts", rpmB)
+	if got := strings.TrimSpace(rpmIn("-q", "--qf", "%{VERSION}-%{RELEASE}", "gorolling")); got != pkgVersion(versionB)+"-1" {
+		t.Errorf("after rpm -U: installed %q, want %q", got, pkgVersion(versionB)+"-1")
+	}
+
+	rpmIn("-e", "--noscripts", "gorolling")
+	var left []string
+	filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if rel := strings.TrimPrefix(path, root); err == nil && strings.Contains(rel, "gorolling") {
+			left = append(left, rel)
+		}
+		return nil
+	})
+	if len(left) > 0 {
+		t.Errorf("left behind after rpm -e: %s", strings.Join(left, ", "))
+	}
+}
