@@ -90,6 +90,7 @@ type proc struct {
 }
 
 type masterOpts struct {
+	bin   string   // the gorolling binary to run (default: the one built)
 	wrap  []string // a command that execs gorolling in place (systemd-socket-activate ...)
 	args  []string // gorolling arguments after "exec"
 	dir   string
@@ -106,7 +107,11 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 		// Tests run many masters of the same program: give each its own.
 		flags = append(flags, "--control", filepath.Join(t.TempDir(), "control.sock"))
 	}
-	args := append(append([]string{binPath("gorolling")}, flags...), o.args...)
+	gr := o.bin
+	if gr == "" {
+		gr = binPath("gorolling")
+	}
+	args := append(append([]string{gr}, flags...), o.args...)
 	args = append(append([]string{}, o.wrap...), args...)
 	cmd := exec.Command(args[0], args[1:]...)
 	cmd.Dir = o.dir
@@ -192,6 +197,15 @@ func (p *proc) dump() {
 // started that survived (only pids the master logged, and only if they
 // still run one of our binaries).
 func (p *proc) cleanup() {
+	// Masters that replaced the first one (self-upgrades) are not our
+	// children: stop them by the pids they logged.
+	for _, e := range p.entries() {
+		if e.msg() == "master starting" {
+			if pid := e.num("pid"); pid != p.pid && alive(pid) && ours(pid) {
+				syscall.Kill(pid, syscall.SIGTERM)
+			}
+		}
+	}
 	select {
 	case <-p.done:
 	default:
@@ -200,6 +214,16 @@ func (p *proc) cleanup() {
 		case <-p.done:
 		case <-time.After(15 * time.Second):
 			p.cmd.Process.Kill()
+			for _, e := range p.entries() {
+				if e.msg() == "master starting" && alive(e.num("pid")) && ours(e.num("pid")) {
+					syscall.Kill(e.num("pid"), syscall.SIGKILL)
+				}
+			}
+			for _, pid := range p.allWorkerPIDs() {
+				if ours(pid) {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
 			<-p.done
 		}
 	}
@@ -521,4 +545,58 @@ func freePort(t *testing.T) int {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port
+}
+
+// controlArg returns the --control path startMaster chose (or the one in
+// the args).
+func (p *proc) controlPath() string {
+	args := p.cmd.Args
+	for i, a := range args {
+		if a == "--control" && i+1 < len(args) {
+			return args[i+1]
+		}
+	}
+	return ""
+}
+
+// gorolling runs a gorolling client command and returns its exit code,
+// stdout and stderr.
+func gorolling(t *testing.T, cred *syscall.Credential, args ...string) (int, string, string) {
+	t.Helper()
+	cmd := exec.Command(binPath("gorolling"), args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if cred != nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("gorolling %v did not finish", args)
+	}
+	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
+}
+
+// readPID reads a pid file.
+func readPID(t *testing.T, path string) int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
+}
+
+// copyFile copies src to dst with mode 0755.
+func copyFile(t *testing.T, src, dst string) {
+	t.Helper()
+	replaceFile(t, dst, readFile(t, src))
 }

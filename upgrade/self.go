@@ -238,6 +238,10 @@ func explainTableflip(err error) error {
 	return err
 }
 
+// Notify sends state (e.g. "STOPPING=1") to systemd's notify socket, if the
+// master was started with one. It never fails: problems are logged.
+func (s *Self) Notify(state string) { s.sdNotify(state) }
+
 // sdNotify sends state to systemd's notify socket, if the master has one.
 func (s *Self) sdNotify(state string) {
 	if s == nil || s.notify == "" {

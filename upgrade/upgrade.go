@@ -140,7 +140,6 @@ func (u *Manager) Start() (*master.Generation, error) {
 		return nil, err
 	}
 	slowest, _ := g.ReadyTiming()
-	u.log.Info("generation serving", "generation", g.Num, "duration", time.Since(g.Started).Round(time.Microsecond), "worker_start", slowest.Round(time.Microsecond))
 	if u.cfg.Self != nil {
 		if err := u.cfg.Self.ready(); err != nil {
 			// The PID file could not be written, or the previous master
@@ -148,9 +147,11 @@ func (u *Manager) Start() (*master.Generation, error) {
 			g.Drain(u.cfg.DrainTimeout)
 			return nil, fmt.Errorf("ready: %w", err)
 		}
-		if successor {
-			u.log.Info("master upgrade: new master serving", "pid", os.Getpid(), "generation", g.Num)
-		}
+	}
+	// Logged once the PID file names this master.
+	u.log.Info("generation serving", "generation", g.Num, "duration", time.Since(g.Started).Round(time.Microsecond), "worker_start", slowest.Round(time.Microsecond))
+	if successor {
+		u.log.Info("master upgrade: new master serving", "pid", os.Getpid(), "generation", g.Num)
 	}
 	return g, nil
 }

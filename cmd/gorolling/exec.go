@@ -239,8 +239,11 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 			_, err := up.Start()
 			return err
 		},
-		Upgrade:  up.Outcome,
-		Stopping: up.Stop,
+		Upgrade: up.Outcome,
+		Stopping: func() {
+			self.Notify("STOPPING=1")
+			up.Stop()
+		},
 	})
 	up.Stop()
 	up.Wait()

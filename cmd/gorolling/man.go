@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"io"
+	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -32,7 +34,12 @@ func paragraphs(w io.Writer, text string) {
 // writeMan writes gorolling(1) in roff, from the same command table and
 // flag definitions the binary parses with.
 func writeMan(w io.Writer) {
-	date := time.Now().UTC().Format("January 2006")
+	// SOURCE_DATE_EPOCH keeps package builds reproducible.
+	when := time.Now()
+	if sec, err := strconv.ParseInt(os.Getenv("SOURCE_DATE_EPOCH"), 10, 64); err == nil {
+		when = time.Unix(sec, 0)
+	}
+	date := when.UTC().Format("January 2006")
 	fmt.Fprintf(w, ".TH GOROLLING 1 %q %q \"User Commands\"\n", date, "gorolling "+Version())
 	fmt.Fprintln(w, ".SH NAME")
 	fmt.Fprintln(w, `gorolling \- run a service as workers sharing sockets, and upgrade it without dropping a request`)
@@ -88,6 +95,9 @@ Go programs use the package github.com/gorolling/gorolling/worker. Programs in o
 	}
 	fmt.Fprintln(w, ".SH ENVIRONMENT")
 	paragraphs(w, `Every worker gets GOROLLING_FD (its handoff channel), GOROLLING_SLOT (0..N-1, reused by the slot's replacement and by the next generation), GOROLLING_WORKER_ID (unique, never reused) and GOROLLING_GENERATION (1, 2, ...). The master's own LISTEN_*, NOTIFY_SOCKET, WATCHDOG_* and GOROLLING_* variables are not passed on.`)
+	fmt.Fprintln(w, ".SH FILES")
+	fmt.Fprintln(w, ".TP\n.B /run/gorolling/NAME.sock\nthe control socket of the master of service NAME (as root; else under $XDG_RUNTIME_DIR/gorolling)")
+	fmt.Fprintln(w, ".TP\n.B /etc/gorolling/NAME.conf\nOPTIONS and COMMAND of the systemd unit gorolling@NAME.service (packaged installs)")
 	fmt.Fprintln(w, ".SH EXIT STATUS")
 	paragraphs(w, `0 after a clean stop; 1 when the first generation cannot start; 2 for bad usage.`)
 	fmt.Fprintln(w, ".SH SEE ALSO")
