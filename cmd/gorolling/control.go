@@ -64,10 +64,13 @@ func call(path string, req master.ControlRequest, wait time.Duration) (*master.C
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(wait))
 	b, _ := json.Marshal(req)
-	if _, err := conn.Write(append(b, '\n')); err != nil {
-		return nil, fmt.Errorf("send to the master: %w", err)
-	}
+	_, werr := conn.Write(append(b, '\n'))
+	// Read the answer even if the write failed: a master that refuses the
+	// connection answers and closes at once.
 	line, err := bufio.NewReader(conn).ReadBytes('\n')
+	if werr != nil && len(line) == 0 {
+		return nil, fmt.Errorf("send to the master: %w", werr)
+	}
 	if err != nil {
 		if errors.Is(err, io.EOF) && len(line) == 0 {
 			return nil, errors.New("the master closed the connection without answering")
