@@ -63,6 +63,13 @@ type Config struct {
 	RuntimeDir string
 	// Control is the control socket's path; empty means none.
 	Control string
+	// Account, if set, is the user and groups the workers run as
+	// (--user/--group). The master keeps its own privileges; unix socket
+	// files and notify sockets it makes for workers are given to the
+	// account, and workers may not ask for sockets the account could not
+	// bind itself (privileged ports, unix paths in directories it cannot
+	// write) unless the master already holds them (--listen).
+	Account *Account
 	// Version is reported by Status.
 	Version string
 	// Restore, from a predecessor master (self-upgrade), replaces Inherited
@@ -152,7 +159,7 @@ func New(cfg Config) (*Master, error) {
 	m := &Master{
 		cfg:     cfg,
 		log:     cfg.Logger,
-		reg:     NewRegistry(),
+		reg:     newRegistry(cfg.Account),
 		spawner: newSpawner(),
 		started: time.Now(),
 		changed: make(chan struct{}),
@@ -228,6 +235,13 @@ func (m *Master) makeRunDir() error {
 		return fmt.Errorf("master: runtime directory: %w", err)
 	}
 	m.runDir, m.ownRunDir = d, true
+	if m.cfg.Account.credential() != nil {
+		// Workers of another user must reach their own notify socket (each
+		// is theirs, 0600); the directory stays unlistable.
+		if err := os.Chmod(d, 0o711); err != nil {
+			return fmt.Errorf("master: runtime directory: %w", err)
+		}
+	}
 	return nil
 }
 

@@ -44,6 +44,11 @@ func (m *Master) openNotify(id int) (*notifySock, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("notify socket: SO_PASSCRED: %w", err)
 	}
+	if err := m.cfg.Account.chown(path); err != nil {
+		c.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
 	return &notifySock{conn: c, path: path}, nil
 }
 

@@ -144,8 +144,9 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 		Stdout: m.cfg.Stdout,
 		Stderr: m.cfg.Stderr,
 		SysProcAttr: &syscall.SysProcAttr{
-			Setpgid:   true,
-			Pdeathsig: syscall.SIGTERM,
+			Setpgid:    true,
+			Pdeathsig:  syscall.SIGTERM,
+			Credential: m.cfg.Account.credential(),
 		},
 	}
 	cmd.ExtraFiles = append(files, wf)
@@ -321,6 +322,13 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 	if !known && n >= maxKeysPerWorker {
 		w.violation(fmt.Sprintf("asked for more than %d sockets", maxKeysPerWorker))
 		return -2
+	}
+	if !w.m.reg.Has(k) {
+		if err := w.m.cfg.Account.mayAsk(k); err != nil {
+			reply.Error, reply.Errno = err.Error(), handoff.ErrnoName(err)
+			w.log.Warn("listen refused", "key", k.String(), "error", err)
+			return -1
+		}
 	}
 	fd, s, err := w.m.reg.Acquire(k)
 	if err != nil {

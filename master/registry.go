@@ -48,15 +48,29 @@ type Registry struct {
 	mu      sync.Mutex
 	sockets map[handoff.Key]*Socket
 	ports   map[handoff.Key]int // port-0 keys -> the port first assigned
+	owner   *Account            // gets the unix socket files, if set
 	closed  bool
 }
 
 // NewRegistry returns an empty registry.
-func NewRegistry() *Registry {
+func NewRegistry() *Registry { return newRegistry(nil) }
+
+func newRegistry(owner *Account) *Registry {
 	return &Registry{
 		sockets: make(map[handoff.Key]*Socket),
 		ports:   make(map[handoff.Key]int),
+		owner:   owner,
 	}
+}
+
+// Has reports whether the registry holds a socket for k.
+func (r *Registry) Has(k handoff.Key) bool {
+	if k.Network == "fd" {
+		k.Packet = false
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.sockets[k] != nil
 }
 
 // Error is a failed listen with the errno a worker should see. Errno is
@@ -180,6 +194,10 @@ func (r *Registry) open(k handoff.Key) (*Socket, error) {
 		var st unix.Stat_t
 		if unix.Lstat(path, &st) == nil {
 			s.ino = st.Ino
+		}
+		if err := r.owner.chown(path); err != nil {
+			s.close(true)
+			return nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("chown %s: %v", path, err)}
 		}
 	}
 	if port0 {

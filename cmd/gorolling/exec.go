@@ -33,6 +33,8 @@ type execOptions struct {
 	nofile       uint64
 	name         string
 	control      string
+	user         string
+	group        string
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -52,6 +54,8 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for the master and its workers; 0 means the hard limit")
 	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+master.DefaultControlDir()+"/NAME.sock (default: the program's file name)")
+	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
+	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
@@ -171,6 +175,14 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
+	var account *master.Account
+	if o.user != "" {
+		if account, err = master.LookupAccount(o.user, o.group); err != nil {
+			return fail("%v", err)
+		}
+	} else if o.group != "" {
+		return fail("--group needs --user")
+	}
 	control, err := controlPath(o.control, o.name, fs.Arg(0))
 	if err != nil {
 		return fail("%v", err)
@@ -213,11 +225,12 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Logger:       log,
 		Inherited:    inherited,
 		Listen:       specs,
-		Shim:         []string{"/proc/self/exe", shimCommand},
+		Shim:         []string{shimPath(account != nil), shimCommand},
 		ReadyTimer:   readyTimer,
 		Control:      control,
 		Version:      Version(),
 		Restore:      restore,
+		Account:      account,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling: %v\n", err)
@@ -299,4 +312,19 @@ func setNofile(n uint64) error {
 	}
 	rl.Cur = n
 	return syscall.Setrlimit(syscall.RLIMIT_NOFILE, &rl)
+}
+
+// shimPath is the binary the workers' shim runs from: this master's own
+// executable, through /proc/self/exe (immune to the file being replaced on
+// disk). Workers that switch to another user may not be allowed to follow
+// that link once they have, so for them it is the executable's path.
+func shimPath(otherUser bool) string {
+	if otherUser {
+		if p, err := os.Executable(); err == nil {
+			if _, err := os.Stat(p); err == nil {
+				return p
+			}
+		}
+	}
+	return "/proc/self/exe"
 }

@@ -22,6 +22,7 @@
 //	closeall                close every listener (after reporting)
 //	notify TEXT             send TEXT (\n for newlines) to $NOTIFY_SOCKET
 //	notifysibling TEXT      send it to the notify socket of worker id-1
+//	dial NET ADDR           connect to ADDR (reports the error, if any)
 //	relisten NET ADDR       close the last listener, then listen again
 //
 // At start it reports the descriptors it inherited (op "fds"), leaving
@@ -203,6 +204,13 @@ func main() {
 				path = strings.Replace(path, "notify-"+strconv.Itoa(worker.ID())+".sock", "notify-"+strconv.Itoa(worker.ID()-1)+".sock", 1)
 			}
 			r.Err = notify(path, strings.ReplaceAll(arg, `\n`, "\n"))
+		case "dial":
+			c, err := net.DialTimeout(args[0], args[1], 2*time.Second)
+			if err != nil {
+				r.Err = err.Error()
+			} else {
+				c.Close()
+			}
 		case "closeall":
 			for _, l := range listeners {
 				l.Close()
