@@ -43,7 +43,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	o := &execOptions{}
 	fs := pflag.NewFlagSet("exec", pflag.ContinueOnError)
 	fs.SetInterspersed(false) // everything after PROGRAM belongs to it
-	fs.IntVarP(&o.workers, "workers", "w", runtime.NumCPU(), "number of worker processes per generation")
+	fs.IntVarP(&o.workers, "workers", "w", 0, "number of worker processes per generation (default: the number of CPUs)")
 	fs.DurationVar(&o.readyTimeout, "ready-timeout", 30*time.Second, "how long a new generation may take to become ready before the upgrade is rolled back")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long a draining worker may take to exit before it is killed")
 	fs.StringVar(&o.stopSignal, "stop-signal", "TERM", "signal sent to workers to make them drain (after the drain message)")
@@ -129,6 +129,9 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(stderr, "gorolling exec: "+format+"\n", a...)
 		return 2
+	}
+	if !fs.Changed("workers") {
+		o.workers = runtime.NumCPU()
 	}
 	if o.workers < 1 {
 		return fail("--workers must be at least 1, got %d", o.workers)

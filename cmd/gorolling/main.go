@@ -229,12 +229,30 @@ upgrade was rolled back. Deploy scripts use: gorolling upgrade --wait --name NAM
 func usage(w io.Writer) {
 	fmt.Fprint(w, "gorolling runs a program as N worker processes that share listening sockets,\nand on SIGHUP replaces them with a new generation without dropping a request.\n\nUsage:\n")
 	for _, c := range commands {
-		syn := strings.TrimSpace(c.name + " " + c.args)
-		fmt.Fprintf(w, "  gorolling %-40s %s\n", syn, c.summary)
+		fmt.Fprintf(w, "  gorolling %-8s %s\n", c.name, c.summary)
 	}
 	fmt.Fprint(w, "\nSignals to the master:\n")
 	for _, s := range signalHelp {
-		fmt.Fprintf(w, "  %-10s %s\n", s[0], s[1])
+		fmt.Fprintf(w, "  %-11s%s\n", s[0], wrap(s[1], 66, strings.Repeat(" ", 13)))
 	}
 	fmt.Fprint(w, "\nRun 'gorolling help COMMAND' for a command's flags. Go workers use\ngithub.com/gorolling/gorolling/worker; see the README.\n")
+}
+
+// wrap breaks text into lines of at most width characters, indenting the
+// continuation lines.
+func wrap(text string, width int, indent string) string {
+	var b strings.Builder
+	n := 0
+	for i, word := range strings.Fields(text) {
+		if i > 0 && n+1+len(word) > width {
+			b.WriteString("\n" + indent)
+			n = 0
+		} else if i > 0 {
+			b.WriteByte(' ')
+			n++
+		}
+		b.WriteString(word)
+		n += len(word)
+	}
+	return b.String()
 }

@@ -15,7 +15,10 @@ func TestCommandLine(t *testing.T) {
 		err  string // expected in stderr
 	}{
 		{name: "no args", args: nil, code: 2, err: "Usage:"},
-		{name: "help", args: []string{"--help"}, code: 0, out: "gorolling exec [flags]"},
+		{name: "help", args: []string{"--help"}, code: 0, out: "gorolling upgrade  start the same upgrade"},
+		{name: "help upgrade", args: []string{"help", "upgrade"}, code: 0, out: "--wait"},
+		{name: "scale without a number", args: []string{"scale", "many"}, code: 2, err: "is not a number"},
+		{name: "status with no master", args: []string{"status", "--control", "/nonexistent/x.sock"}, code: 1, err: "connect to the master"},
 		{name: "help exec", args: []string{"help", "exec"}, code: 0, out: "--drain-timeout"},
 		{name: "exec --help", args: []string{"exec", "--help"}, code: 0, out: "--ready-timeout"},
 		{name: "version", args: []string{"version"}, code: 0, out: "gorolling "},

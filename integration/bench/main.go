@@ -89,7 +89,7 @@ type master struct {
 }
 
 func startMaster(args ...string) *master {
-	a := append([]string{"exec", "--log-format", "json", "--log-level", "debug", "-w", strconv.Itoa(*workers), "--"}, args...)
+	a := append([]string{"exec", "--log-format", "json", "--log-level", "debug", "--control", "none", "-w", strconv.Itoa(*workers)}, args...)
 	cmd := exec.Command(filepath.Join(binDir, "gorolling"), a...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stderr, err := cmd.StderrPipe()
@@ -326,6 +326,40 @@ func fds(pid int) int {
 
 func ms(d float64) string { return fmt.Sprintf("%.2f ms", d) }
 
+type upgradeSample struct {
+	toServing, toGone, workerStart, overhead []float64
+	marks                                    map[int][2]int
+	rss0, fd0                                int
+}
+
+// measureUpgrades runs n worker upgrades on a fresh master (extra flags
+// before "--") and collects timings, and RSS/fd marks.
+func measureUpgrades(n int, extra ...string) upgradeSample {
+	args := append(extra, "--", filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
+	m := startMaster(args...)
+	m.wait(0, "generation serving")
+	pid := m.cmd.Process.Pid
+	time.Sleep(200 * time.Millisecond)
+	s := upgradeSample{marks: map[int][2]int{}, rss0: rss(pid), fd0: fds(pid)}
+	for i := 1; i <= n; i++ {
+		from := m.len()
+		t0 := time.Now()
+		check(m.cmd.Process.Signal(syscall.SIGHUP))
+		ready, readyAt, _ := m.wait(from, "upgrade ready")
+		_, doneAt, _ := m.wait(from, "upgrade finished")
+		s.toServing = append(s.toServing, float64(readyAt.Sub(t0).Microseconds())/1000)
+		s.toGone = append(s.toGone, float64(doneAt.Sub(t0).Microseconds())/1000)
+		s.workerStart = append(s.workerStart, ready["worker_start"].(float64)/1e6)
+		s.overhead = append(s.overhead, ready["overhead"].(float64)/1e6)
+		if i == 10 || i == 50 || i%100 == 0 || i == n {
+			time.Sleep(100 * time.Millisecond)
+			s.marks[i] = [2]int{rss(pid), fds(pid)}
+		}
+	}
+	m.stop()
+	return s
+}
+
 func upgradeTiming() {
 	// The program's own start time: N copies started at once, until each
 	// says it is ready (the same work the master waits for).
@@ -337,55 +371,82 @@ func upgradeTiming() {
 		own = append(own, float64(time.Since(t0).Microseconds())/1000)
 		stop()
 	}
-	_ = own
-
-	m := startMaster(filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
-	m.wait(0, "generation serving")
-	pid := m.cmd.Process.Pid
-	time.Sleep(200 * time.Millisecond)
-	rss0, fd0 := rss(pid), fds(pid)
-	var toServing, toGone, workerStart, overhead []float64
-	marks := map[int][2]int{}
-	for i := 1; i <= *upgrades; i++ {
-		from := m.len()
-		t0 := time.Now()
-		check(m.cmd.Process.Signal(syscall.SIGHUP))
-		ready, readyAt, _ := m.wait(from, "upgrade ready")
-		_, doneAt, _ := m.wait(from, "upgrade finished")
-		toServing = append(toServing, float64(readyAt.Sub(t0).Microseconds())/1000)
-		toGone = append(toGone, float64(doneAt.Sub(t0).Microseconds())/1000)
-		ws := ready["worker_start"].(float64) / 1e6
-		workerStart = append(workerStart, ws)
-		overhead = append(overhead, ready["overhead"].(float64)/1e6)
-		if i == 10 || i == 50 || i%100 == 0 || i == *upgrades {
-			time.Sleep(100 * time.Millisecond)
-			marks[i] = [2]int{rss(pid), fds(pid)}
-		}
-	}
-	m.stop()
+	s := measureUpgrades(*upgrades)
+	shim := measureUpgrades(min(*upgrades, 30), "--listen", "tcp://127.0.0.1:0")
 
 	fmt.Printf("== Upgrade timing, N=%d, %d upgrades, no load (median / p90) ==\n", *workers, *upgrades)
 	fmt.Printf("%-58s %12s %12s\n", "", "median", "p90")
 	row := func(name string, xs []float64) {
 		fmt.Printf("%-58s %12s %12s\n", name, ms(median(xs)), ms(pct(xs, 0.9)))
 	}
-	row("HUP -> new generation serving (seen by the caller)", toServing)
-	row("HUP -> old generation gone (seen by the caller)", toGone)
+	row("HUP -> new generation serving (seen by the caller)", s.toServing)
+	row("HUP -> old generation gone (seen by the caller)", s.toGone)
 	row("program's own start, N copies at once, standalone", own)
-	row("program's own start, slowest worker, under gorolling", workerStart)
-	row("master overhead: HUP->serving minus slowest worker start", overhead)
-	fmt.Printf("%-58s %12s\n", "caller-side overhead: median(HUP->serving) - median(own)", ms(median(toServing)-median(own)))
+	row("program's own start, slowest worker, under gorolling", s.workerStart)
+	row("master overhead: HUP->serving minus slowest worker start", s.overhead)
+	fmt.Printf("%-58s %12s\n", "caller-side overhead: median(HUP->serving) - median(own)", ms(median(s.toServing)-median(own)))
+	row("slowest worker start with --listen (LISTEN_PID shim)", shim.workerStart)
+	fmt.Printf("%-58s %12s\n", "shim cost per spawn: difference of the medians", ms(median(shim.workerStart)-median(s.workerStart)))
 	fmt.Println()
 
 	fmt.Printf("== Master memory and descriptors across upgrades ==\n")
 	fmt.Printf("%-24s %10s %6s\n", "after", "RSS", "fds")
-	fmt.Printf("%-24s %7.1f MiB %6d\n", "start", float64(rss0)/1024, fd0)
+	fmt.Printf("%-24s %7.1f MiB %6d\n", "start", float64(s.rss0)/1024, s.fd0)
 	keys := []int{}
-	for k := range marks {
+	for k := range s.marks {
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
 	for _, k := range keys {
-		fmt.Printf("%-24s %7.1f MiB %6d\n", fmt.Sprintf("%d upgrades", k), float64(marks[k][0])/1024, marks[k][1])
+		fmt.Printf("%-24s %7.1f MiB %6d\n", fmt.Sprintf("%d upgrades", k), float64(s.marks[k][0])/1024, s.marks[k][1])
 	}
+	fmt.Println()
+	masterUpgradeTiming()
+}
+
+// masterUpgradeTiming measures self-upgrades (SIGUSR2): until the new
+// master serves, and until the old one is gone.
+func masterUpgradeTiming() {
+	n := 10
+	dir, err := os.MkdirTemp("", "gorolling-bench-pid-")
+	check(err)
+	defer os.RemoveAll(dir)
+	pidFile := filepath.Join(dir, "pid")
+	m := startMaster("--pid-file", pidFile, "--", filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
+	m.wait(0, "generation serving")
+	var serving, gone []float64
+	for i := 0; i < n; i++ {
+		b, err := os.ReadFile(pidFile)
+		check(err)
+		old, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+		from := m.len()
+		t0 := time.Now()
+		check(syscall.Kill(old, syscall.SIGUSR2))
+		_, at, _ := m.wait(from, "master upgrade: new master serving")
+		serving = append(serving, float64(at.Sub(t0).Microseconds())/1000)
+		for alive(old) {
+			time.Sleep(time.Millisecond)
+		}
+		gone = append(gone, float64(time.Since(t0).Microseconds())/1000)
+	}
+	b, _ := os.ReadFile(pidFile)
+	last, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	syscall.Kill(last, syscall.SIGTERM)
+	for alive(last) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	m.cmd.Wait()
+	fmt.Printf("== Master self-upgrade (SIGUSR2), N=%d, %d upgrades, no load (median / p90) ==\n", *workers, n)
+	fmt.Printf("%-58s %12s %12s\n", "USR2 -> new master serving its generation", ms(median(serving)), ms(pct(serving, 0.9)))
+	fmt.Printf("%-58s %12s %12s\n", "USR2 -> old master and its workers gone", ms(median(gone)), ms(pct(gone, 0.9)))
+}
+
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
