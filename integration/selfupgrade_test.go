@@ -403,3 +403,47 @@ func TestSystemdNotify(t *testing.T) {
 		}
 	}
 }
+
+// TestMasterUpgradeFailingGeneration: a new master whose own generation
+// fails exits, and the old master keeps serving with every socket file it
+// shares with it (unix listener, control socket) still in place.
+func TestMasterUpgradeFailingGeneration(t *testing.T) {
+	dir := t.TempDir()
+	app := filepath.Join(dir, "app")
+	good := readFile(t, binPath("testworker"))
+	replaceFile(t, app, good)
+	ctl := filepath.Join(dir, "control.sock")
+	p := startMaster(t, masterOpts{
+		dir:  dir,
+		args: []string{"-w", "2", "--ready-timeout", "3s", "--control", ctl, "--", app},
+		env:  []string{"TW_SCRIPT=listen unix app.sock"},
+	})
+	p.waitServing()
+	sock := filepath.Join(dir, "app.sock")
+	replaceFile(t, app, []byte("#!/bin/sh\nexit 1\n"))
+	code, _, errOut := gorolling(t, nil, "upgrade", "--master", "--wait", "--control", ctl)
+	if code == 0 || !strings.Contains(errOut, "exited before it was ready") {
+		t.Fatalf("upgrade --master with a failing program: exit %d %q", code, errOut)
+	}
+	for _, f := range []string{sock, ctl} {
+		if _, err := os.Stat(f); err != nil {
+			t.Fatalf("the failed new master removed %s: %v", f, err)
+		}
+	}
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatalf("the unix listener stopped working: %v", err)
+	}
+	c.Close()
+	if code, _, errOut := gorolling(t, nil, "status", "--control", ctl); code != 0 {
+		t.Fatalf("control socket after the failed master upgrade: %s", errOut)
+	}
+	replaceFile(t, app, good)
+	p.signal(syscall.SIGTERM)
+	if code := p.wait(30 * time.Second); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket file left after the final stop")
+	}
+}

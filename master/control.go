@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -104,6 +105,17 @@ type controlServer struct {
 	m    *Master
 	l    *net.UnixListener
 	path string
+	wg   sync.WaitGroup // connections being answered
+}
+
+// wait waits (at most d) for the connections being answered.
+func (c *controlServer) wait(d time.Duration) {
+	done := make(chan struct{})
+	go func() { c.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
 }
 
 // DefaultControlPath is the control socket of the service called name: in
@@ -198,7 +210,11 @@ func (c *controlServer) serve() {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		go c.handle(conn)
+		c.wg.Add(1)
+		go func() {
+			defer c.wg.Done()
+			c.handle(conn)
+		}()
 	}
 }
 

@@ -455,10 +455,14 @@ func (m *Master) collect() {
 			}
 		}
 	}
-	stopping := m.stopping
+	// Stop closes everything itself. With no generation serving (a first
+	// generation that failed, a successor master not yet in charge) there
+	// is nobody to collect for, and a successor shares every socket with
+	// the master that still serves.
+	skip := m.stopping || m.serving == nil || (m.successor && !m.tookOver)
 	m.mu.Unlock()
-	if stopping {
-		return // Stop closes everything itself
+	if skip {
+		return
 	}
 	for _, s := range m.reg.Collect(func(k handoff.Key) bool { return inUse[k] }) {
 		m.log.Info("listener closed: no live worker holds it", "key", s.Key.String(), "addr", s.Addr)

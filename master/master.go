@@ -103,6 +103,8 @@ type Master struct {
 
 	mu             sync.Mutex
 	serviceStarted time.Time // when the first master of this service started
+	successor      bool      // started by a predecessor's self-upgrade
+	tookOver       bool      // ... and its first generation served
 	masterUpgrades int
 	upgradeNote    string
 	changed        chan struct{}
@@ -169,6 +171,7 @@ func New(cfg Config) (*Master, error) {
 	}
 	m.serviceStarted = m.started
 	controlFD := -1
+	m.successor = cfg.Restore != nil
 	if cfg.Restore != nil {
 		var err error
 		if controlFD, err = m.restore(cfg.Restore); err != nil {
@@ -287,6 +290,14 @@ func (m *Master) Resolve() (string, error) {
 	return abs, nil
 }
 
+// TookOver records that this master, a successor, now serves: from now on
+// its final stop removes the socket files, as the first master's would.
+func (m *Master) TookOver() {
+	m.mu.Lock()
+	m.tookOver = true
+	m.mu.Unlock()
+}
+
 // LastGeneration returns the number of the newest generation started.
 func (m *Master) LastGeneration() int {
 	m.mu.Lock()
@@ -346,6 +357,12 @@ func (m *Master) stop(final bool) {
 	}
 	m.stopping = true
 	gens := append([]*Generation(nil), m.gens...)
+	// A successor master that never took over (its start failed) shares
+	// every socket file with the master that goes on serving: it must not
+	// remove them.
+	if m.successor && !m.tookOver {
+		final = false
+	}
 	m.notifyLocked()
 	m.mu.Unlock()
 	if final {
@@ -365,6 +382,11 @@ func (m *Master) stop(final bool) {
 		}()
 	}
 	wg.Wait()
+	if m.control != nil {
+		// Let answers in flight (an "upgrade --wait" told that this master
+		// was replaced, say) reach their clients before the process exits.
+		m.control.wait(5 * time.Second)
+	}
 	m.reg.Close(final)
 	if m.ownRunDir {
 		os.RemoveAll(m.runDir)

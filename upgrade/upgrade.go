@@ -148,6 +148,7 @@ func (u *Manager) Start() (*master.Generation, error) {
 			return nil, fmt.Errorf("ready: %w", err)
 		}
 	}
+	u.m.TookOver()
 	// Logged once the PID file names this master.
 	u.log.Info("generation serving", "generation", g.Num, "duration", time.Since(g.Started).Round(time.Microsecond), "worker_start", slowest.Round(time.Microsecond))
 	if successor {
