@@ -29,6 +29,10 @@ type Key struct {
 	Packet bool
 	// Index is the request's per-worker index (always 0 for fd keys).
 	Index int
+	// Member, when non-zero, names one socket of a per-slot SO_REUSEPORT
+	// group: the socket of slot Member-1. Requests normalise with Member
+	// 0; a master in reuseport mode sets it.
+	Member int `json:",omitempty"`
 }
 
 // String renders the key for logs and status output.
@@ -40,6 +44,9 @@ func (k Key) String() string {
 	if k.Index != 0 {
 		s += "#" + strconv.Itoa(k.Index)
 	}
+	if k.Member != 0 {
+		s += "@slot" + strconv.Itoa(k.Member-1)
+	}
 	return s
 }
 
@@ -47,6 +54,12 @@ func (k Key) String() string {
 // worker counts its index.
 func (k Key) IndexKey() Key {
 	k.Index = 0
+	return k
+}
+
+// Shared is the key with Member zero: the request as workers make it.
+func (k Key) Shared() Key {
+	k.Member = 0
 	return k
 }
 

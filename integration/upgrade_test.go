@@ -301,3 +301,47 @@ func TestFirstGenerationFailures(t *testing.T) {
 		})
 	}
 }
+
+// TestReusePortMode: with --reuseport every slot has its own socket, which
+// its successors inherit: upgrades under load lose nothing, and the kernel
+// spreads new connections over all workers.
+func TestReusePortMode(t *testing.T) {
+	p := startMaster(t, masterOpts{args: []string{"-w", "4", "--reuseport", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	p.waitServing()
+	addr := p.listenAddr(5 * time.Second)
+	for _, keepAlive := range []bool{true, false} {
+		l := startLoad(t, addr, 32, keepAlive)
+		time.Sleep(300 * time.Millisecond)
+		for i := 0; i < 3; i++ {
+			p.upgrade(60 * time.Second)
+			time.Sleep(300 * time.Millisecond)
+		}
+		l.requireNoFailures(t)
+	}
+	// Each slot's member socket is handed over, one per slot.
+	members := map[string]bool{}
+	for _, e := range p.entries() {
+		if e.msg() == "listener handed over" {
+			members[e.str("key")] = true
+		}
+	}
+	if len(members) != 4 {
+		t.Fatalf("sockets handed over: %v, want 4 members", members)
+	}
+	// Spread: in a steady run with a new connection per request, every
+	// worker of the serving generation takes a fair share.
+	l := startLoad(t, addr, 16, false)
+	time.Sleep(1500 * time.Millisecond)
+	l.halt()
+	gen := p.count(isMsg("upgrade finished")) + 1
+	total := 0
+	for _, n := range l.byPid {
+		total += n
+	}
+	for _, pid := range p.workerPIDs(gen) {
+		if share := float64(l.byPid[pid]) / float64(total); share < 0.10 {
+			t.Errorf("worker %d took %.0f%% of %d connections", pid, share*100, total)
+		}
+	}
+	t.Logf("spread over generation %d: %v of %d", gen, l.byPid, total)
+}

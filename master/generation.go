@@ -536,6 +536,12 @@ func (m *Master) Scale(n int) error {
 	m.notifyLocked()
 	m.mu.Unlock()
 	m.log.Info("scaled", "generation", g.Num, "from", from, "to", n)
+	if n < from {
+		// Removed slots' reuseport sockets: the master lets go of its copy
+		// now, so the group stops hashing new connections to them once
+		// their draining workers have closed theirs.
+		m.collect()
+	}
 	for _, s := range add {
 		if err := m.startSlot(g, s); err != nil {
 			m.log.Error("spawn for scale-up failed; retrying with backoff", "slot", s.index, "error", err)

@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -63,6 +64,12 @@ type Config struct {
 	RuntimeDir string
 	// Control is the control socket's path; empty means none.
 	Control string
+	// ReusePort gives every slot its own SO_REUSEPORT socket for the TCP
+	// listeners workers ask for (not for pre-opened or inherited ones),
+	// which the slot's replacements and successors inherit: the kernel
+	// spreads connections evenly over the slots. The default, one shared
+	// socket, lets the busiest worker take more.
+	ReusePort bool
 	// Account, if set, is the user and groups the workers run as
 	// (--user/--group). The master keeps its own privileges; unix socket
 	// files and notify sockets it makes for workers are given to the
@@ -170,6 +177,16 @@ func New(cfg Config) (*Master, error) {
 		stopReq: make(chan struct{}, 1),
 	}
 	m.serviceStarted = m.started
+	m.reg.reuseport = cfg.ReusePort
+	if cfg.ReusePort {
+		b, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+		v := strings.TrimSpace(string(b))
+		if v == "1" {
+			m.log.Info("reuseport mode", "tcp_migrate_req", v)
+		} else {
+			m.log.Warn("reuseport mode: net.ipv4.tcp_migrate_req is not 1, so connections queued on a slot's socket are reset when scaling down removes the slot (upgrades keep every socket)", "tcp_migrate_req", v)
+		}
+	}
 	controlFD := -1
 	m.successor = cfg.Restore != nil
 	if cfg.Restore != nil {

@@ -330,7 +330,7 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 			return -1
 		}
 	}
-	fd, s, err := w.m.reg.Acquire(k)
+	fd, s, err := w.m.reg.Acquire(k, w.Slot)
 	if err != nil {
 		reply.Error = err.Error()
 		reply.Errno = handoff.ErrnoName(err)
@@ -339,9 +339,12 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 	}
 	w.m.mu.Lock()
 	w.keys[k] = struct{}{}
+	if s.Key.Member > 0 {
+		w.keys[s.Key] = struct{}{} // this slot's member of a reuseport group
+	}
 	w.m.mu.Unlock()
 	reply.Network, reply.Address = s.Network, s.Addr
-	w.log.Debug("listener handed over", "key", k.String(), "addr", s.Addr)
+	w.log.Debug("listener handed over", "key", s.Key.String(), "addr", s.Addr)
 	return fd
 }
 

@@ -49,7 +49,10 @@ type Registry struct {
 	sockets map[handoff.Key]*Socket
 	ports   map[handoff.Key]int // port-0 keys -> the port first assigned
 	owner   *Account            // gets the unix socket files, if set
-	closed  bool
+	// reuseport gives each slot its own SO_REUSEPORT socket for TCP
+	// listeners the workers ask for (per-slot reuseport mode).
+	reuseport bool
+	closed    bool
 }
 
 // NewRegistry returns an empty registry.
@@ -95,8 +98,10 @@ var ErrRegistryClosed = errors.New("master: registry closed")
 
 // Acquire returns a duplicate (close-on-exec) of the socket for k, opening
 // the socket first if this is the first request for it. The caller owns the
-// duplicate and closes it after sending it.
-func (r *Registry) Acquire(k handoff.Key) (int, *Socket, error) {
+// duplicate and closes it after sending it. In reuseport mode a TCP
+// listener that is not pre-opened or inherited is one socket per slot (the
+// slot's successors inherit it); slot says which.
+func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -107,6 +112,10 @@ func (r *Registry) Acquire(k handoff.Key) (int, *Socket, error) {
 		lookup.Packet = false // one entry per fd; the request's kind is checked below
 	}
 	s := r.sockets[lookup]
+	if s == nil && r.reuseport && reusable(k) && slot >= 0 {
+		k.Member = slot + 1
+		s = r.sockets[k]
+	}
 	if s == nil {
 		if k.Network == "fd" {
 			return -1, nil, &Error{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
@@ -128,6 +137,12 @@ func (r *Registry) Acquire(k handoff.Key) (int, *Socket, error) {
 		return -1, nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("dup socket %s: %v", k, err)}
 	}
 	return dup, s, nil
+}
+
+// reusable reports whether k can be a per-slot SO_REUSEPORT group: TCP
+// listeners only (UDP and unix sockets stay shared).
+func reusable(k handoff.Key) bool {
+	return strings.HasPrefix(k.Network, "tcp") && !k.Packet
 }
 
 func checkFDKind(s *Socket, packet bool) error {
@@ -153,9 +168,10 @@ func checkFDKind(s *Socket, packet bool) error {
 func (r *Registry) open(k handoff.Key) (*Socket, error) {
 	addr := k.Address
 	port0 := false
+	pk := k.Shared() // port-0 assignments are shared by a group's members
 	if !strings.HasPrefix(k.Network, "unix") && k.Port() == 0 {
 		port0 = true
-		if p, ok := r.ports[k]; ok {
+		if p, ok := r.ports[pk]; ok {
 			addr = k.WithPort(p)
 		}
 	}
@@ -168,6 +184,17 @@ func (r *Registry) open(k handoff.Key) (*Socket, error) {
 	}
 	ctx := context.Background()
 	var lc net.ListenConfig
+	if k.Member > 0 {
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
 	var s *Socket
 	var err error
 	if k.Packet {
@@ -202,7 +229,7 @@ func (r *Registry) open(k handoff.Key) (*Socket, error) {
 	}
 	if port0 {
 		if _, p, err := net.SplitHostPort(s.Addr); err == nil {
-			r.ports[k], _ = strconv.Atoi(p)
+			r.ports[pk], _ = strconv.Atoi(p)
 		}
 	}
 	return s, nil

@@ -46,15 +46,15 @@ func TestRegistrySharesAndKeepsPort0(t *testing.T) {
 	defer r.Close(true)
 	k0 := key(t, "tcp", "127.0.0.1:0", 0)
 	k1 := key(t, "tcp", "127.0.0.1:0", 1)
-	d1, s1, err := r.Acquire(k0)
+	d1, s1, err := r.Acquire(k0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d2, s2, err := r.Acquire(k0)
+	d2, s2, err := r.Acquire(k0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, s3, err := r.Acquire(k1)
+	_, s3, err := r.Acquire(k1, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -75,7 +75,7 @@ func TestRegistrySharesAndKeepsPort0(t *testing.T) {
 	if len(gone) != 1 || gone[0] != s1 {
 		t.Fatalf("collected %v", gone)
 	}
-	d, s, err := r.Acquire(k0)
+	d, s, err := r.Acquire(k0, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,11 +93,11 @@ func TestRegistryErrno(t *testing.T) {
 	defer busy.Close()
 	r := NewRegistry()
 	defer r.Close(true)
-	_, _, err = r.Acquire(key(t, "tcp", busy.Addr().String(), 0))
+	_, _, err = r.Acquire(key(t, "tcp", busy.Addr().String(), 0), 0)
 	if !errors.Is(err, syscall.EADDRINUSE) || handoff.ErrnoName(err) != "EADDRINUSE" {
 		t.Fatalf("err %v", err)
 	}
-	_, _, err = r.Acquire(handoff.Key{Network: "fd", Address: "77"})
+	_, _, err = r.Acquire(handoff.Key{Network: "fd", Address: "77"}, 0)
 	if !errors.Is(err, syscall.EBADF) {
 		t.Fatalf("unknown fd: %v", err)
 	}
@@ -115,7 +115,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 	stale.Close()
 
 	r := NewRegistry()
-	d, _, err := r.Acquire(key(t, "unix", path, 0))
+	d, _, err := r.Acquire(key(t, "unix", path, 0), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -128,7 +128,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 	c.Close()
 	// A live socket at a path is refused.
 	other := NewRegistry()
-	if _, _, err := other.Acquire(key(t, "unix", path, 0)); !errors.Is(err, syscall.EADDRINUSE) {
+	if _, _, err := other.Acquire(key(t, "unix", path, 0), 0); !errors.Is(err, syscall.EADDRINUSE) {
 		t.Fatalf("second bind on a live socket: %v", err)
 	}
 	other.Close(true)
@@ -138,7 +138,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 	// Close without removal keeps the file (a successor takes over) ...
 	r2 := NewRegistry()
 	gpath := filepath.Join(dir, "g.sock")
-	if d, _, err := r2.Acquire(key(t, "unixgram", gpath, 0)); err != nil {
+	if d, _, err := r2.Acquire(key(t, "unixgram", gpath, 0), 0); err != nil {
 		t.Fatal(err)
 	} else {
 		unix.Close(d)
@@ -188,15 +188,15 @@ func TestRegistryAdopt(t *testing.T) {
 		k, _ := handoff.Normalize(&handoff.ListenRequest{FD: &n, Packet: packet})
 		return k
 	}
-	if d, _, err := r.Acquire(fdKey(fd, false)); err != nil {
+	if d, _, err := r.Acquire(fdKey(fd, false), 0); err != nil {
 		t.Fatal(err)
 	} else {
 		unix.Close(d)
 	}
-	if _, _, err := r.Acquire(fdKey(fd, true)); !errors.Is(err, syscall.EPROTOTYPE) {
+	if _, _, err := r.Acquire(fdKey(fd, true), 0); !errors.Is(err, syscall.EPROTOTYPE) {
 		t.Fatalf("stream fd as packet: %v", err)
 	}
-	if d, _, err := r.Acquire(fdKey(ufd, true)); err != nil {
+	if d, _, err := r.Acquire(fdKey(ufd, true), 0); err != nil {
 		t.Fatal(err)
 	} else {
 		unix.Close(d)
@@ -212,5 +212,50 @@ func TestWorkerEnv(t *testing.T) {
 	want := []string{"PATH=/bin", "HOME=/root", "GOROLLING_SLOT=0"}
 	if !slices.Equal(got, want) {
 		t.Fatalf("got %v, want %v", got, want)
+	}
+}
+
+func TestRegistryReusePortGroup(t *testing.T) {
+	r := NewRegistry()
+	r.reuseport = true
+	defer r.Close(true)
+	k := key(t, "tcp", "127.0.0.1:0", 0)
+	var addrs []string
+	var members []*Socket
+	for slot := 0; slot < 3; slot++ {
+		d, s, err := r.Acquire(k, slot)
+		if err != nil {
+			t.Fatal(err)
+		}
+		unix.Close(d)
+		if s.Key.Member != slot+1 {
+			t.Fatalf("slot %d got member %d", slot, s.Key.Member)
+		}
+		addrs = append(addrs, s.Addr)
+		members = append(members, s)
+	}
+	if addrs[0] != addrs[1] || addrs[1] != addrs[2] {
+		t.Fatalf("members on different ports: %v", addrs)
+	}
+	if members[0] == members[1] {
+		t.Fatal("two slots share one socket in reuseport mode")
+	}
+	// A slot's successor gets the same socket.
+	d, s, err := r.Acquire(k, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(d)
+	if s != members[1] {
+		t.Fatal("slot 1's successor got another socket")
+	}
+	// UDP stays shared.
+	u := key(t, "udp", "127.0.0.1:0", 0)
+	da, a, _ := r.Acquire(u, 0)
+	db, b, _ := r.Acquire(u, 1)
+	unix.Close(da)
+	unix.Close(db)
+	if a != b {
+		t.Fatal("udp split into members")
 	}
 }

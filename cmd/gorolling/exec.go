@@ -35,6 +35,7 @@ type execOptions struct {
 	control      string
 	user         string
 	group        string
+	reuseport    bool
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -54,6 +55,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for the master and its workers; 0 means the hard limit")
 	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+master.DefaultControlDir()+"/NAME.sock (default: the program's file name)")
+	fs.BoolVar(&o.reuseport, "reuseport", false, "give each worker slot its own SO_REUSEPORT socket for the TCP listeners workers ask for, so the kernel spreads connections evenly (default: one shared socket)")
 	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
@@ -234,6 +236,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Version:      Version(),
 		Restore:      restore,
 		Account:      account,
+		ReusePort:    o.reuseport,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling: %v\n", err)

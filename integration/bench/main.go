@@ -156,9 +156,11 @@ func (m *master) stop() {
 }
 
 // load runs the clients against addr for d and returns requests/s and
-// failures.
-func load(addr string, d time.Duration, keepAlive bool) (float64, int64) {
+// failures, and the requests each serving pid answered.
+func load(addr string, d time.Duration, keepAlive bool) (float64, int64, map[string]int) {
 	var ok, failed atomic.Int64
+	var pmu sync.Mutex
+	byPid := map[string]int{}
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	req := "GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -205,6 +207,9 @@ func load(addr string, d time.Duration, keepAlive bool) (float64, int64) {
 					continue
 				}
 				ok.Add(1)
+				pmu.Lock()
+				byPid[resp.Header.Get("X-Pid")]++
+				pmu.Unlock()
 				if !keepAlive || resp.Close {
 					c.Close()
 					c = nil
@@ -216,7 +221,24 @@ func load(addr string, d time.Duration, keepAlive bool) (float64, int64) {
 	time.Sleep(d)
 	close(stop)
 	wg.Wait()
-	return float64(ok.Load()) / time.Since(start).Seconds(), failed.Load()
+	return float64(ok.Load()) / time.Since(start).Seconds(), failed.Load(), byPid
+}
+
+// spread renders the smallest and largest share of requests one worker
+// answered.
+func spread(byPid map[string]int) string {
+	total, lo, hi := 0, -1, 0
+	for _, n := range byPid {
+		total += n
+		if lo < 0 || n < lo {
+			lo = n
+		}
+		hi = max(hi, n)
+	}
+	if total == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0f%%..%.0f%%", 100*float64(lo)/float64(total), 100*float64(hi)/float64(total))
 }
 
 func freePort() int {
@@ -267,24 +289,34 @@ func pct(xs []float64, p float64) float64 {
 }
 
 func throughput() {
-	fmt.Println("== Throughput (requests/s, median of rounds) ==")
-	fmt.Printf("%-22s %14s %14s %8s %9s\n", "mode", "gorolling", "standalone", "ratio", "failures")
+	fmt.Println("== Throughput (requests/s, median of rounds; per-worker share of requests, min..max) ==")
+	fmt.Printf("%-22s %12s %12s %12s %8s %8s %9s\n", "mode", "gorolling", "--reuseport", "standalone", "ratio", "ratio-rp", "failures")
 	for _, keepAlive := range []bool{true, false} {
-		var gr, sa []float64
+		var gr, rp, sa []float64
 		var fails int64
+		var grShare, rpShare, saShare map[string]int
 		for r := 0; r < *rounds; r++ {
-			m := startMaster(filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
-			m.wait(0, "generation serving")
-			e, _, _ := m.wait(0, "listener handed over")
-			rps, f := load(e["addr"].(string), *duration, keepAlive)
-			gr = append(gr, rps)
-			fails += f
-			m.stop()
-
+			for _, reuse := range []bool{false, true} {
+				args := []string{filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0"}
+				if reuse {
+					args = append([]string{"--reuseport", "--"}, args...)
+				}
+				m := startMaster(args...)
+				m.wait(0, "generation serving")
+				e, _, _ := m.wait(0, "listener handed over")
+				rps, f, share := load(e["addr"].(string), *duration, keepAlive)
+				if reuse {
+					rp, rpShare = append(rp, rps), share
+				} else {
+					gr, grShare = append(gr, rps), share
+				}
+				fails += f
+				m.stop()
+			}
 			port := freePort()
 			stop := standalone(port)
-			rps, f = load("127.0.0.1:"+strconv.Itoa(port), *duration, keepAlive)
-			sa = append(sa, rps)
+			rps, f, share := load("127.0.0.1:"+strconv.Itoa(port), *duration, keepAlive)
+			sa, saShare = append(sa, rps), share
 			fails += f
 			stop()
 		}
@@ -292,9 +324,10 @@ func throughput() {
 		if !keepAlive {
 			name = "new connection each"
 		}
-		g, s := median(gr), median(sa)
-		fmt.Printf("%-22s %14.0f %14.0f %8.3f %9d\n", name, g, s, g/s, fails)
-		fmt.Printf("%-22s %14s %14s\n", "  (all rounds)", fmtList(gr), fmtList(sa))
+		g, r, st := median(gr), median(rp), median(sa)
+		fmt.Printf("%-22s %12.0f %12.0f %12.0f %8.3f %8.3f %9d\n", name, g, r, st, g/st, r/st, fails)
+		fmt.Printf("%-22s %12s %12s %12s\n", "  (all rounds)", fmtList(gr), fmtList(rp), fmtList(sa))
+		fmt.Printf("%-22s %12s %12s %12s\n", "  (share, last round)", spread(grShare), spread(rpShare), spread(saShare))
 	}
 	fmt.Println()
 }
