@@ -23,11 +23,13 @@ import (
 	"time"
 )
 
-// The tests build two versions; versionB upgrades versionA (a prerelease,
-// so "~" ordering is exercised too: 0.2.0~rc.1 sorts after 0.1.0).
+// The tests build three versions. versionB upgrades versionA; versionRC,
+// versionB's release candidate, sits between them: package version
+// 0.2.0~rc.1 must sort after 0.1.0 and before 0.2.0.
 const (
-	versionA = "0.1.0"
-	versionB = "0.2.0-rc.1"
+	versionA  = "0.1.0"
+	versionRC = "0.2.0-rc.1"
+	versionB  = "0.2.0"
 )
 
 // workDir holds what the tests build; TestMain removes it.
@@ -178,7 +180,10 @@ var exampleOnce struct {
 	path string
 }
 
-// exampleServer builds cmd/example-server once and returns its path.
+// exampleServer builds cmd/example-server once and returns its path. The
+// binary and every directory above it are readable and searchable by all,
+// so workers dropped to another user (gorolling exec --user nobody) can
+// run it.
 func exampleServer(t *testing.T) string {
 	t.Helper()
 	exampleOnce.Lock()
@@ -190,11 +195,32 @@ func exampleServer(t *testing.T) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(workDir, "example-server")
+	dir := filepath.Join(workDir, "bin")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// os.MkdirTemp made workDir 0700.
+	for _, d := range []string{workDir, dir} {
+		if err := os.Chmod(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for d := filepath.Dir(workDir); ; d = filepath.Dir(d) {
+		if fi, err := os.Stat(d); err != nil || fi.Mode().Perm()&0o001 == 0 {
+			t.Fatalf("%s (above the test directory %s) is not searchable by other users (%v), so workers running as another user could not start example-server; set TMPDIR to a directory that is", d, workDir, err)
+		}
+		if d == filepath.Dir(d) {
+			break
+		}
+	}
+	path := filepath.Join(dir, "example-server")
 	cmd := exec.Command(goCmd, "build", "-o", path, "./cmd/example-server")
 	cmd.Dir = ".."
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build example-server: %v\n%s", err, out)
+	}
+	if err := os.Chmod(path, 0o755); err != nil {
+		t.Fatal(err)
 	}
 	exampleOnce.path = path
 	return path
@@ -756,25 +782,38 @@ func serveThroughInstalledBinary(t *testing.T, server string) {
 	}
 }
 
-// TestDebUpgrade installs version A, then B over it, with no master
-// running and without systemd as pid 1, then reinstalls B with a stale
-// control socket in /run/gorolling: the master upgrade fails and is
-// logged, the package operation succeeds.
+// TestDebUpgrade installs version A, then the release candidate of B over
+// it, then B, with no master running and without systemd as pid 1 (each
+// must be an upgrade, not a downgrade, to dpkg), then reinstalls B with a
+// stale control socket in /run/gorolling: the master upgrade fails and is
+// logged, the package operation succeeds. TestDebUpgradeUnderLoad upgrades
+// a running master.
 func TestDebUpgrade(t *testing.T) {
 	claimDpkg(t)
 	debA, _ := buildFor(t, versionA)
+	debRC, _ := buildFor(t, versionRC)
 	debB, _ := buildFor(t, versionB)
 	if _, err := os.Stat("/run/systemd/system"); err == nil {
 		t.Log("systemd is pid 1 here: the scripts also run systemctl daemon-reload")
 	}
+	for _, pair := range [][2]string{{versionA, versionRC}, {versionRC, versionB}} {
+		if _, err := command("dpkg", "--compare-versions", pkgVersion(pair[0]), "lt", pkgVersion(pair[1])); err != nil {
+			t.Errorf("dpkg does not sort package version %s before %s: %v", pkgVersion(pair[0]), pkgVersion(pair[1]), err)
+		}
+	}
 
 	mustCommand(t, "dpkg", "-i", debA)
-	mustCommand(t, "dpkg", "-i", debB)
-	if got := mustCommand(t, "dpkg-query", "-W", "-f=${Version}", "gorolling"); got != pkgVersion(versionB) {
-		t.Errorf("installed version %q, want %q", got, pkgVersion(versionB))
-	}
-	if got := mustCommand(t, binPath, "version"); got != "gorolling "+versionB+"\n" {
-		t.Errorf("%s version printed %q after the upgrade", binPath, got)
+	for _, step := range []struct{ version, deb string }{{versionRC, debRC}, {versionB, debB}} {
+		out := mustCommand(t, "dpkg", "-i", step.deb)
+		if strings.Contains(strings.ToLower(out), "downgrading") {
+			t.Errorf("dpkg -i %s is a downgrade:\n%s", filepath.Base(step.deb), out)
+		}
+		if got := mustCommand(t, "dpkg-query", "-W", "-f=${Version}", "gorolling"); got != pkgVersion(step.version) {
+			t.Errorf("installed version %q, want %q", got, pkgVersion(step.version))
+		}
+		if got := mustCommand(t, binPath, "version"); got != "gorolling "+step.version+"\n" {
+			t.Errorf("%s version printed %q after the upgrade to %s", binPath, got, step.version)
+		}
 	}
 
 	// A master that died without removing its control socket.
@@ -807,12 +846,14 @@ func TestDebUpgrade(t *testing.T) {
 
 // TestRPMInstallRemove installs the .rpm into a scratch root with its own
 // database (scripts off: the root has no shell), checks the installed
-// files, upgrades it to version B, erases it and checks nothing of it is
-// left. The scripts themselves are covered by TestMaintainerScripts.
+// files, upgrades it to the release candidate of B and then to B (rpm -U
+// refuses an older version), erases it and checks nothing of it is left.
+// The scripts themselves are covered by TestMaintainerScripts.
 func TestRPMInstallRemove(t *testing.T) {
 	requireRoot(t)
 	requireTools(t, "rpm")
 	_, rpmA := buildFor(t, versionA)
+	_, rpmRC := buildFor(t, versionRC)
 	_, rpmB := buildFor(t, versionB)
 	root := t.TempDir()
 	rpmIn := func(args ...string) string {
@@ -836,9 +877,11 @@ func TestRPMInstallRemove(t *testing.T) {
 		t.Errorf("installed binary printed %q", got)
 	}
 
-	rpmIn("-U", "--nodeps", "--noscripts", rpmB)
-	if got := strings.TrimSpace(rpmIn("-q", "--qf", "%{VERSION}-%{RELEASE}", "gorolling")); got != pkgVersion(versionB)+"-1" {
-		t.Errorf("after rpm -U: installed %q, want %q", got, pkgVersion(versionB)+"-1")
+	for _, step := range []struct{ version, rpm string }{{versionRC, rpmRC}, {versionB, rpmB}} {
+		rpmIn("-U", "--nodeps", "--noscripts", step.rpm)
+		if got := strings.TrimSpace(rpmIn("-q", "--qf", "%{VERSION}-%{RELEASE}", "gorolling")); got != pkgVersion(step.version)+"-1" {
+			t.Errorf("after rpm -U: installed %q, want %q", got, pkgVersion(step.version)+"-1")
+		}
 	}
 
 	rpmIn("-e", "--noscripts", "gorolling")

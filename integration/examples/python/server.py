@@ -88,16 +88,6 @@ GEN = os.environ.get("GOROLLING_GENERATION", "0")
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def setup(self):
-        super().setup()
-        with conns_lock:
-            conns.add(self.connection)
-
-    def finish(self):
-        with conns_lock:
-            conns.discard(self.connection)
-        super().finish()
-
     def _answer(self):
         length = int(self.headers.get("Content-Length") or 0)
         if length:
@@ -131,6 +121,20 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         super().__init__(sock.getsockname(), Handler, bind_and_activate=False)
         self.socket.close()
         self.socket = sock
+
+    # Connections are counted from the moment accept() returns, in the
+    # serving thread, not when their handler thread gets going: a drain that
+    # looked only at running handlers could exit with a connection accepted
+    # a moment earlier, and the kernel would reset it.
+    def process_request(self, request, client_address):
+        with conns_lock:
+            conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with conns_lock:
+            conns.discard(request)
+        super().shutdown_request(request)
 
     def handle_error(self, request, client_address):
         pass
