@@ -46,7 +46,7 @@ var (
 	rounds   = flag.Int("rounds", 3, "throughput runs per mode (alternating; the median is reported)")
 	upgrades = flag.Int("upgrades", 100, "upgrades for the timing and memory measurement")
 	starts   = flag.Int("starts", 20, "standalone start-time samples")
-	only     = flag.String("only", "", "run only this part: throughput or upgrades")
+	only     = flag.String("only", "", "run only this part: throughput, upgrades or master")
 )
 
 var binDir string
@@ -64,10 +64,14 @@ func main() {
 	fmt.Printf("gorolling benchmark: %s, %d CPUs, %s/%s, N=%d workers, %d clients, %s x %d rounds per mode\n\n",
 		runtime.Version(), runtime.NumCPU(), runtime.GOOS, runtime.GOARCH, *workers, *clients, *duration, *rounds)
 
-	if *only != "upgrades" {
+	if *only == "" || *only == "throughput" {
 		throughput()
 	}
-	if *only != "throughput" {
+	switch *only {
+	case "throughput":
+	case "master":
+		masterUpgradeTiming()
+	default:
 		upgradeTiming()
 	}
 }
@@ -132,6 +136,11 @@ func (m *master) wait(from int, msg string) (map[string]any, time.Time, int) {
 		select {
 		case <-w:
 		case <-deadline:
+			m.mu.Lock()
+			for _, e := range m.logs[max(0, len(m.logs)-15):] {
+				fmt.Fprintln(os.Stderr, e)
+			}
+			m.mu.Unlock()
 			check(fmt.Errorf("timed out waiting for %q", msg))
 		}
 	}
