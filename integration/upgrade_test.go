@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -344,4 +346,43 @@ func TestReusePortMode(t *testing.T) {
 		}
 	}
 	t.Logf("spread over generation %d: %v of %d", gen, l.byPid, total)
+}
+
+// TestMasterDeath: workers whose master was SIGKILLed notice (end of file
+// on the handoff channel, and the SIGTERM of Pdeathsig), drain and exit by
+// themselves, finishing requests in flight.
+func TestMasterDeath(t *testing.T) {
+	p := startMaster(t, masterOpts{args: []string{"-w", "3", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	p.waitServing()
+	addr := p.listenAddr(5 * time.Second)
+	pids := p.workerPIDs(1)
+	// A request in flight when the master dies still gets its answer.
+	done := make(chan error, 1)
+	go func() {
+		c := &http.Client{Timeout: 10 * time.Second}
+		resp, err := c.Get("http://" + addr + "/?sleep=500ms")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				err = fmt.Errorf("status %d", resp.StatusCode)
+			}
+		}
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond)
+	if err := syscall.Kill(p.pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("request in flight when the master died: %v", err)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for _, pid := range pids {
+		for alive(pid) {
+			if time.Now().After(deadline) {
+				t.Fatalf("worker %d still runs 15s after its master died", pid)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
 }

@@ -38,6 +38,10 @@ type HTTPOptions struct {
 //  4. only then it calls srv.Shutdown with the drain deadline, and returns
 //     when that is done.
 //
+// Hijacked connections (WebSockets) are not waited for: http.Server's
+// Shutdown does not track them; register their own shutdown with
+// srv.RegisterOnShutdown. HTTP/2 connections get a GOAWAY from Shutdown.
+//
 // It returns nil after a drain, or the first error a listener's Serve
 // returns. If srv.TLSConfig has certificates it serves TLS. ServeHTTP
 // installs a wrapper around srv.Handler and srv.ConnState (both keep

@@ -252,8 +252,8 @@ func startDrain(timeout time.Duration) {
 // the master sent "drain" (an upgrade retired this generation, or the
 // master is stopping), the master went away, or the process got SIGTERM or
 // SIGINT. From the first call on, those two signals start a drain instead
-// of killing the process; a second one restores their default action and
-// re-raises it. Finish in-flight work by DrainDeadline and exit.
+// of killing the process; a second one, a second or more after the first,
+// restores their default action and re-raises it. Finish in-flight work by DrainDeadline and exit.
 //
 // Draining also connects to the master if that has not happened yet, so a
 // worker that never listens through the package still learns of drains.
@@ -264,8 +264,17 @@ func Draining() <-chan struct{} {
 		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 		go func() {
 			<-sigs
+			first := time.Now()
 			startDrain(DefaultDrainTimeout)
-			s := <-sigs
+			// A second signal means "stop now", unless it comes within a
+			// second of the first: when a master dies, the kernel sends
+			// the parent-death signal once per exiting master thread.
+			var s os.Signal
+			for s = range sigs {
+				if time.Since(first) >= time.Second {
+					break
+				}
+			}
 			signal.Reset(syscall.SIGTERM, syscall.SIGINT)
 			if p, err := os.FindProcess(os.Getpid()); err == nil {
 				p.Signal(s)
