@@ -63,6 +63,7 @@ const (
 	UpgradeMaster
 )
 
+// String returns "auto", "workers" or "master".
 func (k UpgradeKind) String() string {
 	switch k {
 	case UpgradeWorkers:

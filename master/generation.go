@@ -26,6 +26,7 @@ const (
 	GenStopped
 )
 
+// String names the state as status shows it.
 func (s GenState) String() string {
 	switch s {
 	case GenStarting:

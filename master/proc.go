@@ -32,6 +32,7 @@ const (
 	WorkerExited
 )
 
+// String names the state as status shows it.
 func (s WorkerState) String() string {
 	switch s {
 	case WorkerStarting:

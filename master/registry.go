@@ -83,6 +83,7 @@ type Error struct {
 	Msg   string
 }
 
+// Error returns the failure as the master describes it.
 func (e *Error) Error() string { return e.Msg }
 
 // Unwrap lets errors.Is(err, syscall.EADDRINUSE) work.

@@ -26,6 +26,7 @@ type ListenError struct {
 	Msg string
 }
 
+// Error returns the master's description, prefixed with "gorolling: ".
 func (e *ListenError) Error() string { return "gorolling: " + e.Msg }
 
 // Unwrap returns the errno, if any.
@@ -161,7 +162,7 @@ func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address strin
 	return x.(net.PacketConn), nil
 }
 
-// errReserved marks an index reserved by a listen still in flight.
+// reservedConn marks an index reserved by a listen still in flight.
 type reservedConn struct{}
 
 func (reservedConn) SyscallConn() (syscall.RawConn, error) { return nil, nil }
