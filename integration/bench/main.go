@@ -76,9 +76,29 @@ func main() {
 	}
 }
 
+// started are the processes the benchmark started (masters and standalone
+// servers, by pid); check stops them before it exits on an error.
+var (
+	startedMu sync.Mutex
+	started   []int
+)
+
+func track(pid int) {
+	startedMu.Lock()
+	started = append(started, pid)
+	startedMu.Unlock()
+}
+
 func check(err error) {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
+		startedMu.Lock()
+		for _, pid := range started {
+			syscall.Kill(pid, syscall.SIGTERM)
+		}
+		startedMu.Unlock()
+		time.Sleep(2 * time.Second)
+		os.RemoveAll(binDir)
 		os.Exit(1)
 	}
 }
@@ -99,6 +119,7 @@ func startMaster(args ...string) *master {
 	stderr, err := cmd.StderrPipe()
 	check(err)
 	check(cmd.Start())
+	track(cmd.Process.Pid)
 	m := &master{cmd: cmd, wake: make(chan struct{})}
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -265,6 +286,7 @@ func standalone(port int) func() {
 		out, err := cmd.StdoutPipe()
 		check(err)
 		check(cmd.Start())
+		track(cmd.Process.Pid)
 		br := bufio.NewReader(out)
 		_, err = br.ReadString('\n')
 		check(err)
@@ -464,7 +486,8 @@ func masterUpgradeTiming() {
 		from := m.len()
 		t0 := time.Now()
 		check(syscall.Kill(old, syscall.SIGUSR2))
-		_, at, _ := m.wait(from, "master upgrade: new master serving")
+		e, at, _ := m.wait(from, "master upgrade: new master serving")
+		track(int(e["pid"].(float64)))
 		serving = append(serving, float64(at.Sub(t0).Microseconds())/1000)
 		for alive(old) {
 			time.Sleep(time.Millisecond)
