@@ -1,7 +1,6 @@
 package integration
 
 import (
-	"encoding/json"
 	"net"
 	"net/http"
 	"os"
@@ -25,19 +24,7 @@ type pyReport struct {
 
 func readPyReports(t *testing.T, path string) []pyReport {
 	t.Helper()
-	b, _ := os.ReadFile(path)
-	var out []pyReport
-	for _, line := range strings.Split(string(b), "\n") {
-		if line == "" {
-			continue
-		}
-		var r pyReport
-		if err := json.Unmarshal([]byte(line), &r); err != nil {
-			t.Fatalf("bad report %q: %v", line, err)
-		}
-		out = append(out, r)
-	}
-	return out
+	return readJSONL[pyReport](t, path)
 }
 
 func examplePath(t *testing.T, rel string) string {

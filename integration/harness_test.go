@@ -476,16 +476,23 @@ type twReport struct {
 
 func readReports(t *testing.T, path string) []twReport {
 	t.Helper()
+	return readJSONL[twReport](t, path)
+}
+
+// readJSONL reads a file of one JSON object per line (a missing file is
+// empty).
+func readJSONL[T any](t *testing.T, path string) []T {
+	t.Helper()
 	b, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
 		t.Fatal(err)
 	}
-	var out []twReport
+	var out []T
 	for _, line := range strings.Split(string(b), "\n") {
 		if line == "" {
 			continue
 		}
-		var r twReport
+		var r T
 		if err := json.Unmarshal([]byte(line), &r); err != nil {
 			t.Fatalf("bad report line %q: %v", line, err)
 		}

@@ -629,3 +629,15 @@ func ScanInherited(skip ...int) []int {
 	}
 	return out
 }
+
+// ProcessRunning reports whether pid is a running process; a zombie (exited,
+// not yet reaped) is not.
+func ProcessRunning(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	st := string(b)
+	i := strings.LastIndexByte(st, ')')
+	return i < 0 || i+2 >= len(st) || st[i+2] != 'Z'
+}

@@ -170,7 +170,7 @@ func (s *Self) BinaryChanged() bool {
 // (its generation serves) or has failed. It returns the new master's pid.
 func (s *Self) upgrade(m *master.Master) (int, error) {
 	if s.waitingForParent() {
-		if processGone(s.parentPID) {
+		if !master.ProcessRunning(s.parentPID) {
 			// It has exited; tableflip learns so from a pipe, a moment later.
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			if err := s.upg.WaitForParent(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -272,15 +272,4 @@ func (s *Self) sdNotify(state string) {
 	if _, err := c.Write([]byte(state)); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
 		s.log.Warn("sd_notify failed", "error", err)
 	}
-}
-
-// processGone reports whether pid has exited (a zombie has).
-func processGone(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return true
-	}
-	st := string(b)
-	i := strings.LastIndexByte(st, ')')
-	return i >= 0 && i+2 < len(st) && st[i+2] == 'Z'
 }

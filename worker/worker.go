@@ -295,11 +295,21 @@ func DrainDeadline() time.Time {
 // Context returns a context that is canceled when draining starts (see
 // Draining).
 func Context() context.Context {
-	ch := Draining()
-	ctx, cancel := context.WithCancel(context.Background())
-	go func() {
-		<-ch
-		cancel()
-	}()
-	return ctx
+	drainCtxOnce.Do(func() {
+		ch := Draining()
+		ctx, cancel := context.WithCancel(context.Background())
+		drainCtx = ctx
+		go func() {
+			<-ch
+			cancel()
+		}()
+	})
+	return drainCtx
 }
+
+// One context for every caller: a goroutine per call would wait forever
+// in a worker that never drains.
+var (
+	drainCtxOnce sync.Once
+	drainCtx     context.Context
+)

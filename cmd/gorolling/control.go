@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -351,7 +350,7 @@ func runStop(args []string, stdout, stderr io.Writer) int {
 	// Wait for the master process to go.
 	pid := st.Status.PID
 	deadline := time.Now().Add(o.timeout)
-	for processAlive(pid) {
+	for master.ProcessRunning(pid) {
 		if time.Now().After(deadline) {
 			fmt.Fprintf(stderr, "gorolling stop: master %d still running after %s\n", pid, o.timeout)
 			return 1
@@ -360,17 +359,4 @@ func runStop(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "stopped master %d\n", pid)
 	return 0
-}
-
-// processAlive reports whether pid runs (a zombie does not).
-func processAlive(pid int) bool {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
-		return s[i+2] != 'Z'
-	}
-	return true
 }
