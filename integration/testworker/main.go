@@ -18,12 +18,28 @@
 //	raw TEXT                send TEXT as one raw record on the handoff fd
 //	rawfd TEXT              the same, with three descriptors attached
 //	rawmanyfd TEXT          the same, with 64 descriptors (overflows the master's buffer)
-//	flood N                 send N valid "ready" records as fast as possible
+//	flood N                 send N valid "ready" records as fast as
+//	                        possible, reading the replies raw (so the
+//	                        worker package must not be used afterwards)
+//	floodblind N            the same without reading a reply
 //	closeall                close every listener (after reporting)
-//	notify TEXT             send TEXT (\n for newlines) to $NOTIFY_SOCKET
+//	notify TEXT             send TEXT to $NOTIFY_SOCKET (\n, \e and \a stand
+//	                        for newline, ESC and BEL)
 //	notifysibling TEXT      send it to the notify socket of worker id-1
 //	dial NET ADDR           connect to ADDR (reports the error, if any)
 //	relisten NET ADDR       close the last listener, then listen again
+//	listenmany N NET ADDR   N listens; ADDR may hold {i} (0..N-1), {id},
+//	                        {slot}, {gen}, {gen2} (gen%2) and {id200}
+//	                        (1 + id%200); one
+//	                        report with the count that succeeded
+//	swap DIR A B            exchange DIR/A and DIR/B (renameat2
+//	                        RENAME_EXCHANGE) in a loop until drained
+//	notifyflood D           flood $NOTIFY_SOCKET with STATUS= lines from 8
+//	                        goroutines for D, then go on
+//	fakecontrol PATH        serve a forged gorolling control socket at PATH
+//	                        (mode 0777) until drained
+//	blockall                switch every listener's shared socket to
+//	                        blocking mode (as a careless program would)
 //
 // At start it reports the descriptors it inherited (op "fds"), leaving
 // out the cgroup files the Go runtime opens before main.
@@ -34,15 +50,19 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/gorolling/gorolling/worker"
+	"golang.org/x/sys/unix"
 )
 
 // startFDs is evaluated before main runs, before the runtime or any package
@@ -75,6 +95,8 @@ type report struct {
 	FDs   []int  `json:"fds,omitempty"`
 	// Env is GOROLLING_FD as seen at start.
 	Env string `json:"env,omitempty"`
+	// OK counts the successes of a listenmany.
+	OK int `json:"ok,omitempty"`
 }
 
 var reportFile *os.File
@@ -88,7 +110,7 @@ func emit(r report) {
 }
 
 func errnoName(err error) string {
-	for _, e := range []syscall.Errno{syscall.EADDRINUSE, syscall.EACCES, syscall.EBADF, syscall.EINVAL, syscall.EPROTOTYPE, syscall.EADDRNOTAVAIL} {
+	for _, e := range []syscall.Errno{syscall.EADDRINUSE, syscall.EACCES, syscall.EPERM, syscall.EBADF, syscall.EINVAL, syscall.EPROTOTYPE, syscall.EADDRNOTAVAIL, syscall.EMFILE, syscall.ENFILE} {
 		if errors.Is(err, e) {
 			return strconv.Itoa(int(e))
 		}
@@ -150,6 +172,50 @@ func main() {
 				r.Addr = l.Addr().String()
 				listeners = append(listeners, l)
 			}
+		case "listenmany":
+			n, _ := strconv.Atoi(args[0])
+			for i := 0; i < n; i++ {
+				l, err := worker.Listen(args[1], expand(args[2], i))
+				if err != nil {
+					if r.Err == "" {
+						r.Err, r.Errno = err.Error(), errnoName(err)
+					}
+					continue
+				}
+				r.OK++
+				listeners = append(listeners, l)
+			}
+		case "swap":
+			go swapLoop(args[0], args[1], args[2])
+		case "notifyflood":
+			d, _ := time.ParseDuration(arg)
+			r.OK = notifyFlood(d)
+		case "fakecontrol":
+			l, err := net.Listen("unix", args[0])
+			if err != nil {
+				r.Err = err.Error()
+				break
+			}
+			os.Chmod(args[0], 0o777)
+			go func() {
+				for {
+					c, err := l.Accept()
+					if err != nil {
+						return
+					}
+					c.Read(make([]byte, 4096))
+					io.WriteString(c, `{"ok":true,"status":{"pid":1,"version":"forged","program":"forged"}}`+"\n")
+					c.Close()
+				}
+			}()
+		case "blockall":
+			for _, l := range listeners {
+				if sc, ok := l.(syscall.Conn); ok {
+					if rc, err := sc.SyscallConn(); err == nil {
+						rc.Control(func(fd uintptr) { syscall.SetNonblock(int(fd), false) })
+					}
+				}
+			}
 		case "listenpacket":
 			pc, err := worker.ListenPacket(args[0], args[1])
 			if err != nil {
@@ -190,20 +256,38 @@ func main() {
 			r.Err = sendRaw(arg, 3)
 		case "rawmanyfd":
 			r.Err = sendRaw(arg, 64)
-		case "flood":
+		case "flood", "floodblind":
+			// Valid requests as fast as possible, reading the replies
+			// (flood) or not (floodblind).
 			n, _ := strconv.Atoi(arg)
-			for i := 0; i < n; i++ {
+			replies := make(chan struct{})
+			if name == "floodblind" {
+				n = 0
+			}
+			go func() {
+				defer close(replies)
+				fd, _ := strconv.Atoi(os.Getenv("GOROLLING_FD"))
+				buf := make([]byte, 4096)
+				for got := 0; got < n; got++ {
+					if _, _, _, _, err := syscall.Recvmsg(fd, buf, nil, 0); err != nil {
+						return
+					}
+				}
+			}()
+			count, _ := strconv.Atoi(arg)
+			for i := 0; i < count; i++ {
 				if e := sendRaw(fmt.Sprintf(`{"v":1,"type":"ready","seq":%d}`, i+1), 0); e != "" {
 					r.Err = e
 					break
 				}
 			}
+			<-replies
 		case "notify", "notifysibling":
 			path := os.Getenv("NOTIFY_SOCKET")
 			if name == "notifysibling" {
 				path = strings.Replace(path, "notify-"+strconv.Itoa(worker.ID())+".sock", "notify-"+strconv.Itoa(worker.ID()-1)+".sock", 1)
 			}
-			r.Err = notify(path, strings.ReplaceAll(arg, `\n`, "\n"))
+			r.Err = notify(path, strings.NewReplacer(`\n`, "\n", `\e`, "\x1b", `\a`, "\a").Replace(arg))
 		case "dial":
 			c, err := net.DialTimeout(args[0], args[1], 2*time.Second)
 			if err != nil {
@@ -243,6 +327,62 @@ func main() {
 		fmt.Fprintln(os.Stderr, "testworker: serve:", err)
 		os.Exit(1)
 	}
+}
+
+// expand fills in the placeholders of a listenmany address.
+func expand(addr string, i int) string {
+	return strings.NewReplacer(
+		"{i}", strconv.Itoa(i),
+		"{id}", strconv.Itoa(worker.ID()),
+		"{id200}", strconv.Itoa(1+worker.ID()%200),
+		"{slot}", strconv.Itoa(worker.Slot()),
+		"{gen}", strconv.Itoa(worker.Generation()),
+		"{gen2}", strconv.Itoa(worker.Generation()%2),
+	).Replace(addr)
+}
+
+// swapLoop exchanges dir/a and dir/b atomically, as fast as it can, until
+// the worker drains: an attacker racing the master's path operations.
+func swapLoop(dir, a, b string) {
+	pa, pb := dir+"/"+a, dir+"/"+b
+	for {
+		select {
+		case <-worker.Draining():
+			return
+		default:
+		}
+		for i := 0; i < 1000; i++ {
+			unix.Renameat2(unix.AT_FDCWD, pa, unix.AT_FDCWD, pb, unix.RENAME_EXCHANGE)
+		}
+	}
+}
+
+// notifyFlood sends STATUS= datagrams to $NOTIFY_SOCKET from 8 goroutines
+// for d and returns how many went out.
+func notifyFlood(d time.Duration) int {
+	path := os.Getenv("NOTIFY_SOCKET")
+	var sent atomic.Int64
+	var wg sync.WaitGroup
+	end := time.Now().Add(d)
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			for i := 0; time.Now().Before(end); i++ {
+				c.SetWriteDeadline(time.Now().Add(50 * time.Millisecond))
+				if _, err := fmt.Fprintf(c, "STATUS=flood %d of goroutine %d\nX-FLOOD=1", i, g); err == nil {
+					sent.Add(1)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	return int(sent.Load())
 }
 
 func matches(pfx string) bool {

@@ -1,0 +1,721 @@
+package integration
+
+// The adversarial suite: workers that run as an unprivileged account and
+// attack the root master with every path, option and byte they control,
+// and faults that must not block the next deploy. Every test runs real
+// processes as root.
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// requireRoot fails (under GOROLLING_CI) or skips a test that must run as
+// root.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("GOROLLING_CI") != "" {
+		t.Fatal("CI must run the tests as root")
+	}
+	t.Skip("needs root")
+}
+
+// nobodyIDs returns the uid and gid of the account "nobody".
+func nobodyIDs(t *testing.T) (int, int) {
+	t.Helper()
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		t.Fatalf("no user nobody: %v", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return uid, gid
+}
+
+// openDir returns a new directory that every account can reach (its
+// parents are made searchable), owned by root with mode 0755.
+func openDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	return dir
+}
+
+// nobodyMaster starts a master whose workers run testworker as nobody with
+// script; their reports go to a file nobody may write.
+func nobodyMaster(t *testing.T, workers int, script string, o masterOpts) (*proc, string) {
+	t.Helper()
+	dir := openDir(t)
+	rdir := filepath.Join(dir, "reports")
+	if err := os.Mkdir(rdir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(rdir, 0o777)
+	report := filepath.Join(rdir, "report.jsonl")
+	o.args = append([]string{"-w", strconv.Itoa(workers), "--user", "nobody"}, append(o.args, "--", binPath("testworker"))...)
+	o.env = append(o.env, "TW_SCRIPT="+script, "TW_REPORT="+report)
+	p := startMaster(t, o)
+	return p, report
+}
+
+// statusOf asks the master for status --json.
+func statusOf(t *testing.T, ctl string) map[string]any {
+	t.Helper()
+	code, out, errOut := gorolling(t, nil, "status", "--json", "--control", ctl)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var st map[string]any
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	return st
+}
+
+// fileID is what a test checks to tell that a file was left alone.
+type fileID struct {
+	ino  uint64
+	uid  uint32
+	gid  uint32
+	mode uint32
+	data string
+}
+
+func identify(t *testing.T, path string) fileID {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	id := fileID{ino: st.Ino, uid: st.Uid, gid: st.Gid, mode: st.Mode}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG {
+		id.data = string(readFile(t, path))
+	}
+	return id
+}
+
+// TestAttackSymlinkSwap: nobody workers swap a directory of the paths they
+// ask for with a symlink to a root-owned directory, as fast as they can, for
+// 20 s, while every generation asks for new unix sockets under it and the
+// old generation's sockets are removed. Every operation on those paths must
+// run with the workers' own rights, so the root-owned probe files behind the
+// symlink keep their owner, mode and content, and no file appears there.
+func TestAttackSymlinkSwap(t *testing.T) {
+	requireRoot(t)
+	uid, gid := nobodyIDs(t)
+	base := openDir(t)
+	target := filepath.Join(base, "rootdir")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	const workers, per = 4, 30
+	probes := map[string]fileID{}
+	for g := 0; g < 2; g++ {
+		for s := 0; s < workers; s++ {
+			for i := 0; i < per; i++ {
+				name := fmt.Sprintf("p%d_%d_%d", g, s, i)
+				path := filepath.Join(target, name)
+				if err := os.WriteFile(path, []byte("probe "+name+"\n"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				probes[name] = identify(t, path)
+			}
+		}
+	}
+	att := filepath.Join(base, "att")
+	for _, d := range []string{att, filepath.Join(att, "sw")} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		os.Chown(d, uid, gid)
+	}
+	if err := os.Symlink(target, filepath.Join(att, "alt")); err != nil {
+		t.Fatal(err)
+	}
+	os.Lchown(filepath.Join(att, "alt"), uid, gid)
+
+	script := fmt.Sprintf("swap %s sw alt; listenmany %d unix %s/sw/p{gen2}_{slot}_{i}", att, per, att)
+	p, report := nobodyMaster(t, workers, script, masterOpts{args: []string{"--drain-timeout", "5s"}})
+	p.waitServing()
+	deadline := time.Now().Add(20 * time.Second)
+	upgrades := 0
+	for time.Now().Before(deadline) {
+		p.upgrade(60 * time.Second)
+		upgrades++
+	}
+	p.signal(syscall.SIGTERM)
+	if code := p.wait(60 * time.Second); code != 0 {
+		t.Fatalf("master exited %d", code)
+	}
+	ok, failed := 0, 0
+	for _, r := range opsOf(readReports(t, report), "listenmany", 0) {
+		ok += r.OK
+		failed += per - r.OK
+	}
+	t.Logf("%d upgrades; %d sockets created under the swapped path, %d refused", upgrades, ok, failed)
+	if ok == 0 {
+		t.Fatal("no listen succeeded: the attack never ran")
+	}
+	ents, err := os.ReadDir(target)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		want, isProbe := probes[e.Name()]
+		if !isProbe {
+			t.Errorf("a file appeared in the root-owned directory: %s", e.Name())
+			continue
+		}
+		if got := identify(t, filepath.Join(target, e.Name())); got != want {
+			t.Errorf("probe %s changed: %+v, was %+v", e.Name(), got, want)
+		}
+		delete(probes, e.Name())
+	}
+	for name := range probes {
+		t.Errorf("probe %s was removed", name)
+	}
+}
+
+// TestAttackStaleSocketInStickyDir: in a sticky, world-writable directory a
+// stale socket file belongs to another account (daemon). The kernel would
+// never let nobody remove it, so neither may the master on nobody's behalf.
+func TestAttackStaleSocketInStickyDir(t *testing.T) {
+	requireRoot(t)
+	daemon, err := user.Lookup("daemon")
+	if err != nil {
+		t.Fatalf("no user daemon: %v", err)
+	}
+	duid, _ := strconv.Atoi(daemon.Uid)
+	dgid, _ := strconv.Atoi(daemon.Gid)
+	sticky := filepath.Join(openDir(t), "sticky")
+	if err := os.Mkdir(sticky, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sticky, 0o777|os.ModeSticky)
+	sock := filepath.Join(sticky, "app.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close() // stale: nothing listens, connect gets ECONNREFUSED
+	os.Chmod(sock, 0o777)
+	os.Lchown(sock, duid, dgid)
+	before := identify(t, sock)
+
+	p, report := nobodyMaster(t, 1, "listen unix "+sock, masterOpts{})
+	p.waitServing()
+	rs := waitReports(t, report, 10*time.Second, "the listen", func(rs []twReport) bool { return len(opsOf(rs, "listen", 1)) == 1 })
+	r := opsOf(rs, "listen", 1)[0]
+	if r.Err == "" {
+		t.Errorf("nobody got a socket in place of daemon's stale socket file")
+	} else {
+		t.Logf("the worker got: %s", r.Err)
+	}
+	if after := identify(t, sock); after != before {
+		t.Fatalf("daemon's socket file changed: %+v, was %+v", after, before)
+	}
+}
+
+// TestAttackNoSearchPermission: a directory nobody may write sits inside a
+// directory nobody may not even search. The kernel refuses nobody a socket
+// there, so the master must too.
+func TestAttackNoSearchPermission(t *testing.T) {
+	requireRoot(t)
+	locked := filepath.Join(openDir(t), "locked")
+	inner := filepath.Join(locked, "open")
+	if err := os.MkdirAll(inner, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(locked, 0o700)
+	os.Chmod(inner, 0o777)
+	sock := filepath.Join(inner, "app.sock")
+	p, report := nobodyMaster(t, 1, "listen unix "+sock, masterOpts{})
+	p.waitServing()
+	rs := waitReports(t, report, 10*time.Second, "the listen", func(rs []twReport) bool { return len(opsOf(rs, "listen", 1)) == 1 })
+	if r := opsOf(rs, "listen", 1)[0]; r.Errno != strconv.Itoa(int(syscall.EACCES)) || !strings.Contains(r.Err, "--listen") {
+		t.Errorf("listen under a directory nobody cannot search: err %q errno %q, want EACCES naming --listen", r.Err, r.Errno)
+	}
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Errorf("a socket file was created where nobody may not reach: %v", err)
+	}
+}
+
+// TestAttackForeignReuseportGroup: a root service listens with SO_REUSEPORT.
+// A nobody worker in --reuseport mode asks for the same address; the kernel
+// would refuse nobody a place in root's group, so the worker gets an error
+// and the root service keeps every one of 100 connections.
+func TestAttackForeignReuseportGroup(t *testing.T) {
+	requireRoot(t)
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) })
+		return serr
+	}}
+	root, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	accepted := make(chan struct{}, 1000)
+	go func() {
+		for {
+			c, err := root.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- struct{}{}
+			c.Close()
+		}
+	}()
+	addr := root.Addr().String()
+	p, report := nobodyMaster(t, 2, "listen tcp "+addr, masterOpts{args: []string{"--reuseport"}})
+	p.waitServing()
+	rs := waitReports(t, report, 10*time.Second, "two listens", func(rs []twReport) bool { return len(opsOf(rs, "listen", 1)) == 2 })
+	for _, r := range opsOf(rs, "listen", 1) {
+		inUse, denied := strconv.Itoa(int(syscall.EADDRINUSE)), strconv.Itoa(int(syscall.EACCES))
+		if r.Errno != inUse && !(r.Errno == denied && strings.Contains(r.Err, "--listen")) {
+			t.Errorf("worker %d joined root's SO_REUSEPORT group: %+v", r.PID, r)
+		}
+	}
+	for i := 0; i < 100; i++ {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	got := 0
+	for timeout := time.After(5 * time.Second); got < 100; got++ {
+		select {
+		case <-accepted:
+		case <-timeout:
+			t.Fatalf("the root service accepted %d of 100 connections; the workers took the rest", got)
+		}
+	}
+}
+
+// TestAttackCrashLoopAddresses: a worker that asks for 200 new addresses at
+// every start and then crashes must not swell the master: sockets that no
+// live worker holds are collected whenever a worker exits.
+func TestAttackCrashLoopAddresses(t *testing.T) {
+	p := startMaster(t, masterOpts{
+		args: []string{"-w", "2", "--ready-timeout", "2s", "--", binPath("testworker")},
+		env:  []string{"TW_SCRIPT=slot1: listenmany 200 tcp 127.0.{id200}.{i}:0; slot1: crash; listen tcp 127.0.0.1:0"},
+	})
+	p.waitServing()
+	base := fdCount(t, p.pid)
+	highest := base
+	for end := time.Now().Add(9 * time.Second); time.Now().Before(end); {
+		highest = max(highest, fdCount(t, p.pid))
+		time.Sleep(100 * time.Millisecond)
+	}
+	starts := 0
+	for _, e := range p.entries() {
+		if e.msg() == "worker online" && e.num("slot") == 1 {
+			starts++
+		}
+	}
+	t.Logf("slot 1 started %d times; master descriptors: %d at start, at most %d", starts, base, highest)
+	if starts < 4 {
+		t.Fatalf("slot 1 started only %d times: the crash loop did not run", starts)
+	}
+	// The exited worker's sockets stay while its slot waits for the next
+	// one; one worker's worth is in flight at a time.
+	if limit := base + 2*200 + 20; highest > limit {
+		t.Fatalf("master grew from %d to %d descriptors (limit %d): sockets of dead workers are not collected", base, highest, limit)
+	}
+}
+
+// TestAttackManySocketsSelfUpgrade: 2,000 sockets go through a master
+// self-upgrade with a send buffer forced small, so the state can only pass
+// if it is streamed to a successor that is already reading.
+func TestAttackManySocketsSelfUpgrade(t *testing.T) {
+	const workers, per = 8, 250
+	dir := t.TempDir()
+	pidFile := filepath.Join(dir, "pid")
+	p, report := twMaster(t, workers, fmt.Sprintf("listenmany %d tcp 127.0.{slot}.9:0", per), masterOpts{
+		args: []string{"--max-sockets", "4096", "--pid-file", pidFile},
+		env:  []string{"GOROLLING_STATE_SNDBUF=4096"},
+	})
+	rs := waitReports(t, report, 30*time.Second, "every listen", func(rs []twReport) bool { return len(opsOf(rs, "listenmany", 1)) == workers })
+	for _, r := range opsOf(rs, "listenmany", 1) {
+		if r.OK != per {
+			t.Fatalf("worker %d got %d of %d sockets: %s", r.PID, r.OK, per, r.Err)
+		}
+	}
+	before := statusOf(t, p.controlPath())["listeners"].([]any)
+	if len(before) < workers*per {
+		t.Fatalf("the master holds %d sockets, want %d", len(before), workers*per)
+	}
+	done := make(chan struct{})
+	var code int
+	var out, errOut string
+	go func() {
+		defer close(done)
+		code, out, errOut = gorolling(t, nil, "upgrade", "--master", "--wait", "--timeout", "90s", "--control", p.controlPath())
+	}()
+	select {
+	case <-done:
+	case <-time.After(100 * time.Second):
+		t.Fatal("the master upgrade with 2,000 sockets hangs")
+	}
+	if code != 0 {
+		t.Fatalf("upgrade --master: exit %d: %s %s", code, out, errOut)
+	}
+	st := statusOf(t, p.controlPath())
+	after := st["listeners"].([]any)
+	addrs := func(ls []any) []string {
+		var out []string
+		for _, l := range ls {
+			out = append(out, l.(map[string]any)["address"].(string))
+		}
+		slices.Sort(out)
+		return out
+	}
+	if !slices.Equal(addrs(before), addrs(after)) {
+		t.Fatalf("the new master holds %d sockets, the old one held %d, or their ports differ", len(after), len(before))
+	}
+	if int(st["pid"].(float64)) == p.pid {
+		t.Fatal("status still answers from the old master")
+	}
+	get(t, addrs(after)[0])
+}
+
+// TestAttackBrokenGorollingBinary: the gorolling binary on disk is replaced
+// by one that cannot start. A HUP must still roll the application forward
+// (a workers upgrade), logged with the master's failure; the next HUP does
+// not retry the master until the binary changes again; status shows the
+// failure; and failed tries leak no descriptor.
+func TestAttackBrokenGorollingBinary(t *testing.T) {
+	dir := t.TempDir()
+	gr := filepath.Join(dir, "gorolling")
+	good := readFile(t, binPath("gorolling"))
+	replaceFile(t, gr, good)
+	p := startMaster(t, masterOpts{bin: gr, args: []string{"-w", "2", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	p.waitServing()
+	addr := p.listenAddr(5 * time.Second)
+	l := startLoad(t, addr, 8, true)
+	replaceFile(t, gr, []byte("#!/bin/sh\necho broken gorolling >&2\nexit 1\n"))
+
+	from := len(p.entries())
+	p.signal(syscall.SIGHUP)
+	e, _ := p.waitLog(60*time.Second, from, "the fallback", func(e entry) bool {
+		return e.msg() == "upgrade finished" || e.msg() == "upgrade rolled back"
+	})
+	if e.msg() != "upgrade finished" || e.num("generation") != 2 {
+		t.Fatalf("a HUP after a broken gorolling binary: %v", e)
+	}
+	if _, gen := get(t, addr); gen != 2 {
+		t.Fatalf("generation %d serves after the HUP, want 2", gen)
+	}
+	fb, _ := p.waitLog(time.Second, from, "the fallback log", isMsg("master upgrade failed; upgrading the workers instead"))
+	if !strings.Contains(fb.str("reason"), "exited before it was ready") {
+		t.Errorf("fallback logged with reason %q", fb.str("reason"))
+	}
+	st := statusOf(t, p.controlPath())
+	mf, _ := st["master_upgrade_failure"].(map[string]any)
+	if mf == nil || !strings.Contains(fmt.Sprint(mf["error"]), "exited before it was ready") {
+		t.Errorf("status does not show the failed master upgrade: %v", st["master_upgrade_failure"])
+	}
+	code, human, _ := gorolling(t, nil, "status", "--control", p.controlPath())
+	if code != 0 || !strings.Contains(human, "upgrade failed") {
+		t.Errorf("human status does not show the failed master upgrade:\n%s", human)
+	}
+
+	// The same broken binary: no new master attempt, the workers roll.
+	from = len(p.entries())
+	if gen := p.upgrade(60 * time.Second); gen != 3 {
+		t.Fatalf("second HUP: generation %d, want 3", gen)
+	}
+	for _, e := range p.entries()[from:] {
+		if e.msg() == "master upgrade started" {
+			t.Errorf("the second HUP retried the unchanged broken binary")
+		}
+	}
+
+	// Failed explicit tries leak nothing.
+	baseFDs := fdCount(t, p.pid)
+	for i := 0; i < 3; i++ {
+		if code, _, _ := gorolling(t, nil, "upgrade", "--master", "--wait", "--control", p.controlPath()); code == 0 {
+			t.Fatal("upgrade --master with a broken binary succeeded")
+		}
+	}
+	for end := time.Now().Add(5 * time.Second); fdCount(t, p.pid) != baseFDs && time.Now().Before(end); {
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := fdCount(t, p.pid); n != baseFDs {
+		t.Errorf("master holds %d descriptors after 3 failed master upgrades, %d before (%v)", n, baseFDs, fdKinds(t, p.pid))
+	}
+
+	// A fixed binary is tried again by the next HUP.
+	replaceFile(t, gr, good)
+	from = len(p.entries())
+	p.signal(syscall.SIGHUP)
+	p.waitLog(60*time.Second, from, "the new master", isMsg("master upgrade: new master serving"))
+	l.requireNoFailures(t)
+}
+
+// TestAttackNotifyFlood: a worker floods its notify socket from 8
+// goroutines; the master stays responsive (status answers within a second)
+// and logs the throttling once.
+func TestAttackNotifyFlood(t *testing.T) {
+	p, _ := twMaster(t, 2, "slot1: notifyflood 8s; listen tcp 127.0.0.1:0", masterOpts{args: []string{"--log-level", "info"}})
+	ctl := p.controlPath()
+	time.Sleep(time.Second)
+	var slowest time.Duration
+	for i := 0; i < 10; i++ {
+		start := time.Now()
+		code, _, errOut := gorolling(t, nil, "status", "--control", ctl)
+		d := time.Since(start)
+		if code != 0 {
+			t.Fatalf("status during the flood: %s", errOut)
+		}
+		slowest = max(slowest, d)
+		time.Sleep(300 * time.Millisecond)
+	}
+	t.Logf("slowest status during the flood: %s", slowest)
+	if slowest > time.Second {
+		t.Errorf("status took %s during a notify flood, want under 1s", slowest)
+	}
+	if n := p.count(isMsg("worker floods its notify socket; reading it more slowly")); n != 1 {
+		t.Errorf("throttling logged %d times, want once", n)
+	}
+}
+
+// TestAttackIdleControlClients: 200 clients connect to the control socket
+// and never send; status still answers.
+func TestAttackIdleControlClients(t *testing.T) {
+	p := startMaster(t, masterOpts{args: []string{"-w", "1", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	p.waitServing()
+	var conns []net.Conn
+	defer func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := 0; i < 200; i++ {
+		c, err := net.Dial("unix", p.controlPath())
+		if err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		conns = append(conns, c)
+	}
+	start := time.Now()
+	code, _, errOut := gorolling(t, nil, "status", "--control", p.controlPath())
+	if code != 0 {
+		t.Fatalf("status behind 200 idle control clients: %s", errOut)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("status took %s behind 200 idle clients", d)
+	}
+	if n := fdCount(t, p.pid); n > 150 {
+		t.Errorf("the master holds %d descriptors for idle control clients", n)
+	}
+}
+
+// TestControlDirectoryMustBePrivate: a control directory the master's user
+// does not own, or one with a mode other than 0700, stops the master at
+// start with a message naming it.
+func TestControlDirectoryMustBePrivate(t *testing.T) {
+	requireRoot(t)
+	uid, gid := nobodyIDs(t)
+	for _, tc := range []struct {
+		name  string
+		setup func(dir string)
+	}{
+		{"owned by another user", func(dir string) { os.Chown(dir, uid, gid) }},
+		{"mode 0755", func(dir string) { os.Chmod(dir, 0o755) }},
+		{"a symlink", func(dir string) {
+			os.Remove(dir)
+			os.Symlink(t.TempDir(), dir)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(openDir(t), "ctl")
+			os.Mkdir(dir, 0o700)
+			tc.setup(dir)
+			p := startMaster(t, masterOpts{args: []string{"-w", "1", "--control", filepath.Join(dir, "c.sock"), "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+			if code := p.wait(30 * time.Second); code != 1 {
+				t.Fatalf("master exited %d, want 1", code)
+			}
+			p.mu.Lock()
+			last := p.lines[len(p.lines)-1]
+			p.mu.Unlock()
+			if !strings.Contains(last, dir) || !strings.Contains(last, "0700") {
+				t.Fatalf("last line %q, want the directory and the rule", last)
+			}
+		})
+	}
+}
+
+// TestClientChecksServerCredentials: the CLI believes only a control socket
+// served by root or by its own user.
+func TestClientChecksServerCredentials(t *testing.T) {
+	requireRoot(t)
+	dir := filepath.Join(openDir(t), "fake")
+	os.Mkdir(dir, 0o777)
+	os.Chmod(dir, 0o777)
+	sock := filepath.Join(dir, "c.sock")
+	uid, gid := nobodyIDs(t)
+	cmd := exec.Command(binPath("testworker"))
+	cmd.Env = append(os.Environ(), "TW_SCRIPT=fakecontrol "+sock)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if fi, err := os.Stat(sock); err == nil && fi.Mode().Perm() == 0o777 {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatal("the fake server did not start")
+		}
+	}
+	code, stdout, errOut := gorolling(t, nil, "status", "--control", sock)
+	if code == 0 || strings.Contains(stdout, "forged") || !strings.Contains(errOut, "served by uid "+strconv.Itoa(uid)) {
+		t.Fatalf("status believed a server run by uid %d: exit %d, stdout %q, stderr %q", uid, code, stdout, errOut)
+	}
+}
+
+// TestStatusTextSanitised: a worker's STATUS= text reaches the operator's
+// terminal without control characters.
+func TestStatusTextSanitised(t *testing.T) {
+	p, _ := twMaster(t, 1, `notify STATUS=\e[2J\e[31mevil\a; listen tcp 127.0.0.1:0`, masterOpts{})
+	var human string
+	for end := time.Now().Add(10 * time.Second); !strings.Contains(human, "evil"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("the status text never showed:\n%s", human)
+		}
+		_, human, _ = gorolling(t, nil, "status", "--control", p.controlPath())
+	}
+	_, js, _ := gorolling(t, nil, "status", "--json", "--control", p.controlPath())
+	for _, out := range []string{human, js} {
+		if strings.ContainsAny(out, "\x1b\a") || strings.Contains(out, `\u001b`) || strings.Contains(out, `\u0007`) {
+			t.Errorf("status output carries the worker's control characters: %q", out)
+		}
+	}
+}
+
+// TestNonblockReasserted: a worker that switches its shared socket to
+// blocking mode (it belongs to every holder's open file description) does
+// not leave it so: the master sets O_NONBLOCK again whenever it hands the
+// socket out.
+func TestNonblockReasserted(t *testing.T) {
+	p, _ := twMaster(t, 1, "listen tcp 127.0.0.1:0; gen1: blockall", masterOpts{args: []string{"--drain-timeout", "2s"}})
+	time.Sleep(300 * time.Millisecond)
+	if len(blockingSockets(t, p.pid)) == 0 {
+		t.Fatal("the worker's blockall did not reach the master's copy: the test proves nothing")
+	}
+	p.upgrade(30 * time.Second)
+	if b := blockingSockets(t, p.pid); len(b) > 0 {
+		t.Fatalf("master sockets still in blocking mode after they were handed out again: fds %v", b)
+	}
+}
+
+// TestRegistryCaps: past --max-sockets, or past 256 sockets for one worker,
+// a listen gets a clear errno (ENFILE, EMFILE) and the worker keeps
+// running; the master logs each cap once per worker.
+func TestRegistryCaps(t *testing.T) {
+	p, report := twMaster(t, 1, "listenmany 300 tcp 127.0.0.1:0", masterOpts{})
+	rs := waitReports(t, report, 20*time.Second, "300 listens", func(rs []twReport) bool { return len(opsOf(rs, "listenmany", 1)) == 1 })
+	r := opsOf(rs, "listenmany", 1)[0]
+	if r.OK != 256 || r.Errno != strconv.Itoa(int(syscall.EMFILE)) {
+		t.Errorf("one worker asked for 300 sockets: got %d, then %q (errno %s); want 256, then EMFILE", r.OK, r.Err, r.Errno)
+	}
+	if n := p.count(isMsg("listen refused: the worker holds too many sockets")); n != 1 {
+		t.Errorf("per-worker cap logged %d times, want once", n)
+	}
+
+	p2, report2 := twMaster(t, 2, "slot0: listen tcp 127.0.0.1:0; slot1: listenmany 20 tcp 127.0.1.{i}:0", masterOpts{args: []string{"--max-sockets", "10"}})
+	rs = waitReports(t, report2, 20*time.Second, "the listens", func(rs []twReport) bool { return len(opsOf(rs, "listenmany", 1)) == 1 })
+	r = opsOf(rs, "listenmany", 1)[0]
+	if r.OK != 9 || r.Errno != strconv.Itoa(int(syscall.ENFILE)) || !strings.Contains(r.Err, "--max-sockets") {
+		t.Errorf("20 sockets past --max-sockets 10: got %d, then %q (errno %s); want 9, then ENFILE naming --max-sockets", r.OK, r.Err, r.Errno)
+	}
+	if n := p2.count(isMsg("listen refused: the master holds --max-sockets sockets")); n != 1 {
+		t.Errorf("registry cap logged %d times, want once", n)
+	}
+	if !alive(p2.workerPIDs(1)[1]) {
+		t.Error("the worker past the cap was stopped")
+	}
+}
+
+// TestMainPIDFromOldMaster: with NotifyAccess=main systemd believes only
+// the main process, so after a self-upgrade the old master itself tells
+// systemd its successor's pid, and nothing else reaches systemd's socket
+// from the new master before that.
+func TestMainPIDFromOldMaster(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	rc, _ := c.SyscallConn()
+	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
+	type note struct {
+		pid  int
+		text string
+	}
+	notes := make(chan note, 256)
+	go func() {
+		buf, oob := make([]byte, 4096), make([]byte, 1024)
+		for {
+			n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			pid := 0
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					if cr, err := unix.ParseUnixCredentials(&m); err == nil {
+						pid = int(cr.Pid)
+					}
+				}
+			}
+			notes <- note{pid, string(buf[:n])}
+		}
+	}()
+	pidFile := filepath.Join(dir, "pid")
+	p := startMaster(t, masterOpts{args: []string{"-w", "1", "--pid-file", pidFile, "--", binPath("example-server"), "-listen", "127.0.0.1:0"}, env: []string{"NOTIFY_SOCKET=" + sock}})
+	p.waitServing()
+	newPID := masterUpgrade(t, p, pidFile)
+	seenMain := false
+	for timeout := time.After(5 * time.Second); !seenMain; {
+		select {
+		case n := <-notes:
+			switch {
+			case n.pid != p.pid && !seenMain:
+				t.Fatalf("pid %d (new master %d) sent %q before the old master named it the main pid", n.pid, newPID, n.text)
+			case strings.Contains(n.text, "MAINPID="):
+				if n.pid != p.pid || !strings.Contains(n.text, "MAINPID="+strconv.Itoa(newPID)) || !strings.Contains(n.text, "READY=1") {
+					t.Fatalf("pid %d sent %q; want the old master %d to send MAINPID=%d and READY=1", n.pid, n.text, p.pid, newPID)
+				}
+				seenMain = true
+			}
+		case <-timeout:
+			t.Fatal("nobody sent MAINPID=")
+		}
+	}
+}
