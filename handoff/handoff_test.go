@@ -2,11 +2,13 @@ package handoff
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -239,11 +241,10 @@ func TestNormalize(t *testing.T) {
 }
 
 func TestErrnoNames(t *testing.T) {
-	_, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, _ := net.Listen("tcp", "127.0.0.1:0")
 	defer l.Close()
 	_, err = net.Listen("tcp", l.Addr().String())
 	name := ErrnoName(err)
@@ -259,44 +260,179 @@ func TestErrnoNames(t *testing.T) {
 	}
 }
 
-func TestBundleRoundTrip(t *testing.T) {
-	before := openFDs(t)
-	send, recv, err := BundlePair()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var socks []int
-	for i := 0; i < 20; i++ {
+// sockets returns n new TCP sockets; the test closes them.
+func sockets(t *testing.T, n int) []int {
+	t.Helper()
+	var out []int
+	for i := 0; i < n; i++ {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
-		socks = append(socks, fd)
+		out = append(out, fd)
 	}
-	type meta struct{ Gen int }
-	if err := SendBundle(int(send.Fd()), meta{Gen: 7}, socks); err != nil {
-		t.Fatal(err)
-	}
-	var got meta
-	fds, err := ReceiveBundle(int(recv.Fd()), &got)
+	return out
+}
+
+func rawOf(t *testing.T, f *os.File) int {
+	t.Helper()
+	rc, err := f.SyscallConn()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Gen != 7 || len(fds) != 20 {
-		t.Fatalf("meta %+v, %d fds", got, len(fds))
-	}
-	for _, fd := range append(fds, socks...) {
-		unix.Close(fd)
-	}
-	// An untaken bundle is discarded without leaking what it carried.
-	fd, _ := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err := SendBundle(int(send.Fd()), meta{}, []int{fd, fd}); err != nil {
+	fd := -1
+	rc.Control(func(x uintptr) { fd = int(x) })
+	return fd
+}
+
+// TestBundleStream: 2,000 sockets and a large state pass through a stream
+// whose send buffer is as small as the kernel allows, because the receiver
+// reads while the sender sends; the receiver's answer comes back; nothing
+// leaks.
+func TestBundleStream(t *testing.T) {
+	before := openFDs(t)
+	keep, give, err := Rendezvous()
+	if err != nil {
 		t.Fatal(err)
 	}
-	unix.Close(fd)
-	DiscardBundle(int(recv.Fd()))
-	send.Close()
-	recv.Close()
+	socks := sockets(t, 2000)
+	type meta struct {
+		Gen  int
+		Pad  string
+		Keys []string
+	}
+	m := meta{Gen: 7, Pad: strings.Repeat("x", 200<<10)}
+	for i := 0; i < 2000; i++ {
+		m.Keys = append(m.Keys, strings.Repeat("k", 100))
+	}
+	stream, err := OpenStream(rawOf(t, keep), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sent := make(chan error, 1)
+	go func() { sent <- SendBundle(stream, m, socks, 5*time.Second, nil) }()
+	var got meta
+	fds, reply, err := ReceiveBundle(rawOf(t, give), &got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if got.Gen != 7 || len(got.Pad) != len(m.Pad) || len(got.Keys) != 2000 || len(fds) != 2000 {
+		t.Fatalf("got gen %d, %d bytes of padding, %d keys, %d fds", got.Gen, len(got.Pad), len(got.Keys), len(fds))
+	}
+	for i, fd := range fds {
+		var a, b unix.Stat_t
+		unix.Fstat(fd, &a)
+		unix.Fstat(socks[i], &b)
+		if a.Ino != b.Ino {
+			t.Fatalf("socket %d arrived out of order", i)
+		}
+	}
+	if err := Reply(reply, []byte(`{"pid":42}`)); err != nil {
+		t.Fatal(err)
+	}
+	if r := string(ReadReply(stream)); r != `{"pid":42}` {
+		t.Fatalf("reply %q", r)
+	}
+	unix.Close(reply)
+	unix.Close(stream)
+	closeAll(fds)
+	closeAll(socks)
+	keep.Close()
+	give.Close()
+	if after := openFDs(t); after != before {
+		t.Fatalf("fd count %d, want %d", after, before)
+	}
+}
+
+// TestBundleStalledReceiver: a receiver that reads nothing makes the
+// sender give up after its idle bound, and abort stops it at once.
+func TestBundleStalledReceiver(t *testing.T) {
+	keep, give, err := Rendezvous()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keep.Close()
+	defer give.Close()
+	socks := sockets(t, 500)
+	defer closeAll(socks)
+	stream, err := OpenStream(rawOf(t, keep), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(stream)
+	start := time.Now()
+	err = SendBundle(stream, struct{}{}, socks, 300*time.Millisecond, nil)
+	if err == nil || !strings.Contains(err.Error(), "read nothing") {
+		t.Fatalf("stalled receiver: %v", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("gave up after %s", d)
+	}
+	abort := make(chan struct{})
+	close(abort)
+	if err := SendBundle(stream, struct{}{}, socks, time.Hour, abort); err == nil || !strings.Contains(err.Error(), "went away") {
+		t.Fatalf("aborted send: %v", err)
+	}
+	// What was queued is released.
+	DiscardBundle(rawOf(t, give))
+}
+
+// TestBundleVersion1: a bundle from an older master (state inline, one fd
+// per record, straight on the rendezvous) is still understood.
+func TestBundleVersion1(t *testing.T) {
+	keep, give, err := Rendezvous()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer keep.Close()
+	defer give.Close()
+	socks := sockets(t, 3)
+	defer closeAll(socks)
+	k := rawOf(t, keep)
+	unix.Sendmsg(k, []byte(`{"v":1,"type":"bundle","fds":3,"meta":{"Gen":5}}`), nil, nil, 0)
+	for i, fd := range socks {
+		unix.Sendmsg(k, []byte(fmt.Sprintf(`{"v":1,"type":"fd","index":%d}`, i)), unix.UnixRights(fd), nil, 0)
+	}
+	var got struct{ Gen int }
+	fds, reply, err := ReceiveBundle(rawOf(t, give), &got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeAll(fds)
+	if got.Gen != 5 || len(fds) != 3 || reply != rawOf(t, give) {
+		t.Fatalf("gen %d, %d fds, reply fd %d", got.Gen, len(fds), reply)
+	}
+}
+
+// TestBundleMalformed: a bad record fails the receive and leaks nothing.
+func TestBundleMalformed(t *testing.T) {
+	before := openFDs(t)
+	for _, recs := range [][]string{
+		{`{"v":1,"type":"bundle","fds":2,"meta":{}}`, `{"v":1,"type":"fd","index":1}`},
+		{`{"v":2,"type":"bundle","fds":0}`},
+		{`{"v":1,"type":"bundle","fds":1,"meta_len":3}`, `{}x`},
+		{`{"v":1,"type":"bundle","fds":99999999}`},
+	} {
+		keep, give, err := Rendezvous()
+		if err != nil {
+			t.Fatal(err)
+		}
+		fd := sockets(t, 1)[0]
+		for _, r := range recs {
+			unix.Sendmsg(rawOf(t, keep), []byte(r), unix.UnixRights(fd), nil, 0)
+		}
+		unix.Close(fd)
+		keep.Close() // the receiver sees the end instead of waiting
+		var m struct{}
+		if _, _, err := ReceiveBundle(rawOf(t, give), &m); !errors.Is(err, ErrBundle) {
+			t.Errorf("records %q: %v, want ErrBundle", recs, err)
+		}
+		DiscardBundle(rawOf(t, give))
+		give.Close()
+	}
 	if after := openFDs(t); after != before {
 		t.Fatalf("fd count %d, want %d", after, before)
 	}

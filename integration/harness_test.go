@@ -105,7 +105,7 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 	flags := []string{"exec", "--log-format", "json", "--log-level", "debug"}
 	if !slices.Contains(o.args, "--control") && !slices.Contains(o.args, "--name") {
 		// Tests run many masters of the same program: give each its own.
-		flags = append(flags, "--control", filepath.Join(t.TempDir(), "control.sock"))
+		flags = append(flags, "--control", privateControl(t))
 	}
 	gr := o.bin
 	if gr == "" {
@@ -163,6 +163,12 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 		}
 	})
 	return p
+}
+
+// privateControl returns a control socket path in a directory the master
+// creates (mode 0700), as it requires.
+func privateControl(t *testing.T) string {
+	return filepath.Join(t.TempDir(), "ctl", "control.sock")
 }
 
 type lockedWriter struct {
@@ -472,6 +478,7 @@ type twReport struct {
 	Errno string `json:"errno"`
 	FDs   []int  `json:"fds"`
 	Env   string `json:"env"`
+	OK    int    `json:"ok"`
 }
 
 func readReports(t *testing.T, path string) []twReport {

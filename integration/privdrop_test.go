@@ -82,7 +82,7 @@ func TestPrivilegeDrop(t *testing.T) {
 	report := filepath.Join(dir, "report.jsonl")
 	priv := privilegedPort(t, 0)
 	undeclared := privilegedPort(t, priv)
-	ctl := filepath.Join(t.TempDir(), "control.sock")
+	ctl := privateControl(t)
 	addr := "127.0.0.1:" + strconv.Itoa(priv)
 	script := fmt.Sprintf("listen tcp %s; listen tcp 127.0.0.1:%d; dial unix %s; noready; notify READY=1", addr, undeclared, ctl)
 	p := startMaster(t, masterOpts{
@@ -100,7 +100,7 @@ func TestPrivilegeDrop(t *testing.T) {
 				t.Errorf("worker %d: the pre-declared privileged port: %s", r.PID, r.Err)
 			}
 		case r.Op == "listen":
-			if r.Errno != strconv.Itoa(int(syscall.EACCES)) || !strings.Contains(r.Err, "pre-declare it with --listen") {
+			if r.Errno != strconv.Itoa(int(syscall.EACCES)) || !strings.Contains(r.Err, "--listen") {
 				t.Errorf("worker %d got an undeclared privileged port: %+v", r.PID, r)
 			}
 		case r.Op == "dial":

@@ -9,8 +9,8 @@ import (
 )
 
 // TestProtocolViolations: workers that send garbage, descriptors, too many
-// descriptors, master-only messages, out-of-range requests or a flood are
-// logged and stopped; the master neither dies nor leaks a descriptor: once
+// descriptors, master-only messages, out-of-range requests or requests
+// whose replies they never read are logged and stopped; the master neither dies nor leaks a descriptor: once
 // a well-behaved worker has replaced them it holds as many descriptors as
 // a master that never met a bad worker.
 func TestProtocolViolations(t *testing.T) {
@@ -21,7 +21,7 @@ func TestProtocolViolations(t *testing.T) {
 		{`raw {"v":1,"type":"drain","timeout_ms":5}`, "only the master sends"},
 		{`raw {"v":1,"type":"listen","seq":1,"listen":{"network":"tcp","address":":1","index":99999}}`, "out of range"},
 		{`raw {"v":7,"type":"ready","seq":1}`, "unsupported protocol version"},
-		{`flood 5000`, "message flood"},
+		{`floodblind 3000`, "stopped reading its handoff channel"},
 	}
 	// Generation 1 (workers 1..n) behaves: a first generation must start.
 	// Killing its workers makes the master respawn each slot; the
@@ -49,7 +49,7 @@ func TestProtocolViolations(t *testing.T) {
 	}
 	for i, b := range bad {
 		id := n + 1 + i
-		e, _ := p.waitLog(5*time.Second, 0, "violation of worker "+strconv.Itoa(id), func(e entry) bool {
+		e, _ := p.waitLog(20*time.Second, 0, "violation of worker "+strconv.Itoa(id), func(e entry) bool {
 			return e.msg() == "worker broke the handoff protocol; stopping it" && e.num("worker_id") == id
 		})
 		if e.level() != "error" || !strings.Contains(e.str("reason"), b.reason) {
@@ -66,5 +66,30 @@ func TestProtocolViolations(t *testing.T) {
 	}
 	if b := blockingSockets(t, p.pid); len(b) > 0 {
 		t.Errorf("master sockets in blocking mode: %v", b)
+	}
+}
+
+// TestHandoffFloodThrottled: a worker that sends valid requests as fast as
+// it can is read at the master's pace, not stopped: the master logs it
+// once and keeps answering status within a second.
+func TestHandoffFloodThrottled(t *testing.T) {
+	p, _ := twMaster(t, 2, "slot1: flood 3000; slot1: sleep 60s; listen tcp 127.0.0.1:0", masterOpts{args: []string{"--log-level", "info"}})
+	var slowest time.Duration
+	for i := 0; i < 10; i++ {
+		start := time.Now()
+		if code, _, errOut := gorolling(t, nil, "status", "--control", p.controlPath()); code != 0 {
+			t.Fatalf("status during the flood: %s", errOut)
+		}
+		slowest = max(slowest, time.Since(start))
+		time.Sleep(300 * time.Millisecond)
+	}
+	if slowest > time.Second {
+		t.Errorf("status took %s during a handoff flood", slowest)
+	}
+	if n := p.count(isMsg("worker sends requests faster than the master reads them; reading its channel more slowly")); n != 1 {
+		t.Errorf("the flood was logged %d times, want once", n)
+	}
+	if n := p.count(isMsg("worker broke the handoff protocol; stopping it")); n != 0 {
+		t.Errorf("a worker sending valid requests quickly was stopped")
 	}
 }

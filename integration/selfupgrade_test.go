@@ -412,7 +412,7 @@ func TestMasterUpgradeFailingGeneration(t *testing.T) {
 	app := filepath.Join(dir, "app")
 	good := readFile(t, binPath("testworker"))
 	replaceFile(t, app, good)
-	ctl := filepath.Join(dir, "control.sock")
+	ctl := filepath.Join(dir, "ctl", "control.sock")
 	p := startMaster(t, masterOpts{
 		dir:  dir,
 		args: []string{"-w", "2", "--ready-timeout", "3s", "--control", ctl, "--", app},

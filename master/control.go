@@ -97,16 +97,38 @@ type UpgradeOutcome struct {
 	Error      string `json:"error,omitempty"`
 	DurationMS int64  `json:"duration_ms"`
 	NewPID     int    `json:"new_master_pid,omitempty"`
+	// MasterError, for an automatic upgrade that rolled the workers
+	// because the master upgrade failed, is why that failed.
+	MasterError string `json:"master_error,omitempty"`
 }
 
-// maxControlRequest bounds one request line.
-const maxControlRequest = 64 << 10
+// Limits of the control server.
+const (
+	// maxControlRequest bounds one request line.
+	maxControlRequest = 64 << 10
+	// maxControlConns bounds the connections the master holds at once.
+	// Past it, a new connection takes the place of the one that has waited
+	// longest without sending its request; if every one is busy (an
+	// "upgrade --wait", say), the newcomer is told so and closed.
+	maxControlConns = 64
+	// controlRequestTimeout bounds the wait for a connection's request.
+	controlRequestTimeout = 5 * time.Second
+)
 
 type controlServer struct {
 	m    *Master
 	l    *net.UnixListener
 	path string
 	wg   sync.WaitGroup // connections being answered
+
+	mu    sync.Mutex
+	conns map[*net.UnixConn]*controlConn // open connections
+}
+
+// controlConn is the state of one open control connection.
+type controlConn struct {
+	since time.Time
+	idle  bool // its request has not been read yet
 }
 
 // wait waits (at most d) for the connections being answered.
@@ -147,7 +169,7 @@ func (m *Master) openControl(path string, inheritedFD int) error {
 		if err == nil {
 			ul := l.(*net.UnixListener)
 			ul.SetUnlinkOnClose(false)
-			m.control = &controlServer{m: m, l: ul, path: path}
+			m.control = newControlServer(m, ul, path)
 			go m.control.serve()
 			return nil
 		}
@@ -156,6 +178,9 @@ func (m *Master) openControl(path string, inheritedFD int) error {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("control socket directory: %w", err)
+	}
+	if err := checkPrivateDir(dir); err != nil {
+		return err
 	}
 	if err := clearStaleUnix("unix", path); err != nil {
 		return fmt.Errorf("control socket %s: another master is running there (give this one another --name or --control)", path)
@@ -168,8 +193,32 @@ func (m *Master) openControl(path string, inheritedFD int) error {
 		return fmt.Errorf("control socket: %w", err)
 	}
 	l.SetUnlinkOnClose(false)
-	m.control = &controlServer{m: m, l: l, path: path}
+	m.control = newControlServer(m, l, path)
 	go m.control.serve()
+	return nil
+}
+
+func newControlServer(m *Master, l *net.UnixListener, path string) *controlServer {
+	return &controlServer{m: m, l: l, path: path, conns: make(map[*net.UnixConn]*controlConn)}
+}
+
+// checkPrivateDir refuses a control directory that anyone but the
+// master's user could change: another user who owns it (a /tmp fallback
+// created in advance, say) could replace the socket in it, or read the
+// name of every master.
+func checkPrivateDir(dir string) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("control socket directory: %w", err)
+	}
+	euid := os.Geteuid()
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != euid || st.Mode&0o7777 != 0o700 {
+		kind := "a directory"
+		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			kind = "not a directory (a symlink?)"
+		}
+		return fmt.Errorf("control socket directory %s must be a directory owned by uid %d with mode 0700, but it is %s owned by uid %d with mode %04o: remove it or fix it, or choose another place with --control", dir, euid, kind, st.Uid, st.Mode&0o7777)
+	}
 	return nil
 }
 
@@ -211,12 +260,56 @@ func (c *controlServer) serve() {
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
+		if !c.admit(conn) {
+			writeResponse(conn, ControlResponse{Error: fmt.Sprintf("busy: %d control requests are in progress; try again", maxControlConns)})
+			conn.Close()
+			continue
+		}
 		c.wg.Add(1)
 		go func() {
 			defer c.wg.Done()
+			defer c.forget(conn)
 			c.handle(conn)
 		}()
 	}
+}
+
+// admit records a new connection. At the limit it first closes the
+// connection that has waited longest without sending its request; it
+// reports false if every open connection is busy.
+func (c *controlServer) admit(conn *net.UnixConn) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.conns) >= maxControlConns {
+		var oldest *net.UnixConn
+		for x, cc := range c.conns {
+			if cc.idle && (oldest == nil || cc.since.Before(c.conns[oldest].since)) {
+				oldest = x
+			}
+		}
+		if oldest == nil {
+			return false
+		}
+		delete(c.conns, oldest)
+		oldest.Close() // its handler's read fails and it returns
+	}
+	c.conns[conn] = &controlConn{since: time.Now(), idle: true}
+	return true
+}
+
+// busy marks a connection whose request has been read.
+func (c *controlServer) busy(conn *net.UnixConn) {
+	c.mu.Lock()
+	if cc := c.conns[conn]; cc != nil {
+		cc.idle = false
+	}
+	c.mu.Unlock()
+}
+
+func (c *controlServer) forget(conn *net.UnixConn) {
+	c.mu.Lock()
+	delete(c.conns, conn)
+	c.mu.Unlock()
 }
 
 func (c *controlServer) handle(conn *net.UnixConn) {
@@ -232,9 +325,14 @@ func (c *controlServer) handle(conn *net.UnixConn) {
 		writeResponse(conn, ControlResponse{Error: "permission denied: only root or the master's user may control it"})
 		return
 	}
-	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	conn.SetReadDeadline(time.Now().Add(controlRequestTimeout))
 	br := bufio.NewReaderSize(conn, 4096)
 	line, err := readLine(br, maxControlRequest)
+	c.busy(conn)
+	if errors.Is(err, net.ErrClosed) {
+		log.Debug("idle control connection closed to admit a newer one", "peer_pid", cred.Pid)
+		return
+	}
 	if err != nil {
 		log.Warn("bad control request", "error", err, "peer_pid", cred.Pid)
 		writeResponse(conn, ControlResponse{Error: "bad request: " + err.Error()})

@@ -4,13 +4,8 @@ import (
 	"fmt"
 	"os"
 	"os/user"
-	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
-
-	"github.com/gorolling/gorolling/handoff"
-	"golang.org/x/sys/unix"
 )
 
 // Account is the user and groups workers run as (--user, --group).
@@ -72,74 +67,6 @@ func (a *Account) credential() *syscall.Credential {
 		return nil // a non-root master cannot call setgroups; nothing to do
 	}
 	return &syscall.Credential{Uid: a.UID, Gid: a.GID, Groups: a.Groups}
-}
-
-// mayAsk refuses, with EACCES, a socket the account could not open by
-// itself: a port below net.ipv4.ip_unprivileged_port_start, or a unix
-// socket in a directory it cannot write. The master checks it only for
-// sockets it does not hold yet, so pre-declared (--listen) and inherited
-// sockets stay available.
-func (a *Account) mayAsk(k handoff.Key) error {
-	if a == nil || a.UID == 0 {
-		return nil
-	}
-	switch {
-	case k.Network == "fd":
-		return nil // the operator handed these in
-	case strings.HasPrefix(k.Network, "unix"):
-		if strings.HasPrefix(k.Address, "@") {
-			return nil
-		}
-		if !a.canWriteDir(filepath.Dir(k.Address)) {
-			return &Error{Errno: unix.EACCES, Msg: fmt.Sprintf("listen %s %s: permission denied: user %s may not create files in %s (pre-declare the socket with --listen)", k.Network, k.Address, a.User, filepath.Dir(k.Address))}
-		}
-	default:
-		if p := k.Port(); p > 0 && p < unprivilegedPortStart() {
-			return &Error{Errno: unix.EACCES, Msg: fmt.Sprintf("listen %s %s: permission denied: port %d is privileged and workers run as %s; pre-declare it with --listen", k.Network, k.Address, p, a.User)}
-		}
-	}
-	return nil
-}
-
-// canWriteDir checks write and search permission on dir as the account
-// would have it (owner, group, other bits; root's override does not apply).
-func (a *Account) canWriteDir(dir string) bool {
-	var st unix.Stat_t
-	if unix.Stat(dir, &st) != nil {
-		return false
-	}
-	const w, x = 0o2, 0o1
-	perm := st.Mode & 0o7
-	switch {
-	case st.Uid == a.UID:
-		perm = (st.Mode >> 6) & 0o7
-	case st.Gid == a.GID || containsGID(a.Groups, st.Gid):
-		perm = (st.Mode >> 3) & 0o7
-	}
-	return perm&(w|x) == w|x
-}
-
-func containsGID(gs []uint32, g uint32) bool {
-	for _, x := range gs {
-		if x == g {
-			return true
-		}
-	}
-	return false
-}
-
-// unprivilegedPortStart is the lowest port an unprivileged process may
-// bind (net.ipv4.ip_unprivileged_port_start, 1024 by default).
-func unprivilegedPortStart() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-	if err != nil {
-		return 1024
-	}
-	n, err := strconv.Atoi(strings.TrimSpace(string(b)))
-	if err != nil {
-		return 1024
-	}
-	return n
 }
 
 // chown gives a file the master created for workers to their account.

@@ -441,9 +441,13 @@ func (g *Generation) Kill() {
 	}
 }
 
-// collect closes registry sockets that no live worker holds.
+// collect closes registry sockets that no live worker holds. It holds the
+// master's lock throughout, so that a listen (which records its key under
+// the same lock before it acquires the socket) cannot lose its socket to a
+// collection that decided before it.
 func (m *Master) collect() {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	inUse := make(map[handoff.Key]bool)
 	for _, g := range m.gens {
 		// The last worker of each slot counts even if it has exited: a
@@ -460,9 +464,7 @@ func (m *Master) collect() {
 	// generation that failed, a successor master not yet in charge) there
 	// is nobody to collect for, and a successor shares every socket with
 	// the master that still serves.
-	skip := m.stopping || m.serving == nil || (m.successor && !m.tookOver)
-	m.mu.Unlock()
-	if skip {
+	if m.stopping || m.serving == nil || (m.successor && !m.tookOver) {
 		return
 	}
 	for _, s := range m.reg.Collect(func(k handoff.Key) bool { return inUse[k] }) {

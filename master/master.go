@@ -77,6 +77,9 @@ type Config struct {
 	// bind itself (privileged ports, unix paths in directories it cannot
 	// write) unless the master already holds them (--listen).
 	Account *Account
+	// MaxSockets bounds the sockets the registry opens on workers'
+	// requests (0: no bound); a listen past it fails with ENFILE.
+	MaxSockets int
 	// Version is reported by Status.
 	Version string
 	// Restore, from a predecessor master (self-upgrade), replaces Inherited
@@ -114,6 +117,7 @@ type Master struct {
 	tookOver       bool      // ... and its first generation served
 	masterUpgrades int
 	upgradeNote    string
+	masterFailure  *MasterUpgradeFailure
 	changed        chan struct{}
 	gens           []*Generation // live generations, oldest first
 	serving        *Generation
@@ -178,6 +182,7 @@ func New(cfg Config) (*Master, error) {
 	}
 	m.serviceStarted = m.started
 	m.reg.reuseport = cfg.ReusePort
+	m.reg.max = cfg.MaxSockets
 	if cfg.ReusePort {
 		b, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
 		v := strings.TrimSpace(string(b))

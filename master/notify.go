@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
@@ -59,11 +61,32 @@ func (n *notifySock) close() {
 	})
 }
 
+// A worker's notify socket is read at up to notifyRate datagrams a
+// second, after a burst of notifyBurst; a faster sender is read more
+// slowly, so its datagrams queue in the kernel (and its sends block or
+// fail) instead of costing the master.
+const (
+	notifyBurst = 100
+	notifyRate  = 50
+)
+
 // readNotify handles sd_notify datagrams until the socket closes.
 func (w *Worker) readNotify() {
 	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*16))
+	tokens, last := float64(notifyBurst), time.Now()
 	for {
+		refill := func() {
+			now := time.Now()
+			tokens = min(tokens+now.Sub(last).Seconds()*notifyRate, notifyBurst)
+			last = now
+		}
+		if refill(); tokens < 1 {
+			w.warnOnce("notify-flood", "worker floods its notify socket; reading it more slowly", "rate_per_second", notifyRate)
+			time.Sleep(time.Duration((1 - tokens) / notifyRate * float64(time.Second)))
+			refill()
+		}
+		tokens--
 		n, oobn, flags, _, err := w.notify.conn.ReadMsgUnix(buf, oob)
 		if err != nil {
 			return
@@ -147,12 +170,36 @@ func (w *Worker) handleNotify(msg string, sender int) {
 				w.log.Info("worker stopping", "sender_pid", sender)
 			}
 		case "STATUS":
+			v = Printable(v, maxStatusLen)
 			w.m.mu.Lock()
+			changed := w.status != v
 			w.status = v
 			w.m.mu.Unlock()
-			w.log.Info("worker status", "status", v)
+			if changed {
+				w.log.Info("worker status", "status", v)
+			}
 		default:
 			w.log.Trace("notify field ignored", "key", k)
 		}
 	}
+}
+
+// maxStatusLen bounds the STATUS= text kept for a worker.
+const maxStatusLen = 256
+
+// Printable returns s without control characters (C0, DEL, C1) or invalid
+// UTF-8, cut to at most max bytes: a worker's text reaches operators'
+// terminals through status and the log.
+func Printable(s string, max int) string {
+	var b strings.Builder
+	for _, r := range s {
+		if r == utf8.RuneError || r < 0x20 || (r >= 0x7f && r < 0xa0) {
+			continue
+		}
+		if b.Len()+utf8.RuneLen(r) > max {
+			break
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
 }

@@ -47,12 +47,19 @@ func (s WorkerState) String() string {
 	return "unknown"
 }
 
-// Limits on what one worker may ask of the master.
+// Limits on what one worker may cost the master.
 const (
+	// maxKeysPerWorker bounds the sockets one worker may ask for; past it
+	// a listen gets EMFILE.
 	maxKeysPerWorker = 256
-	floodBurst       = 200 // messages
-	floodRate        = 100 // messages per second, sustained
-	sendTimeout      = 5 * time.Second
+	// The handoff channel is read at up to floodRate requests a second,
+	// after a burst of floodBurst; a faster worker is read more slowly
+	// (its sends then wait), not stopped.
+	floodBurst = 300
+	floodRate  = 100
+	// sendTimeout bounds a reply: a worker that stops reading its channel
+	// for that long is stopped.
+	sendTimeout = 5 * time.Second
 )
 
 // Worker is the master's handle on one worker process. Its mutable fields
@@ -79,7 +86,8 @@ type Worker struct {
 	exitDesc string
 	exitCode int
 	violated bool
-	status   string // the last STATUS= the worker sent
+	status   string          // the last STATUS= the worker sent
+	logged   map[string]bool // warnings already logged once for this worker
 }
 
 // PID returns the worker's process id.
@@ -153,14 +161,15 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 	cmd.ExtraFiles = append(files, wf)
 
 	w := &Worker{
-		ID:   id,
-		Slot: slot,
-		gen:  g,
-		m:    m,
-		cmd:  cmd,
-		conn: conn,
-		done: make(chan struct{}),
-		keys: make(map[handoff.Key]struct{}),
+		ID:     id,
+		Slot:   slot,
+		gen:    g,
+		m:      m,
+		cmd:    cmd,
+		conn:   conn,
+		done:   make(chan struct{}),
+		keys:   make(map[handoff.Key]struct{}),
+		logged: make(map[string]bool),
 	}
 	w.notify = notify
 	w.spawnedAt = time.Now()
@@ -194,6 +203,10 @@ func (w *Worker) wait() {
 	w.conn.Close()
 	w.notify.close()
 	w.m.workerExited(w, desc, code)
+	// Sockets only this worker's predecessors held are closed now, not at
+	// the next drain: a worker that crash-loops asking for new addresses
+	// must not make the master hold ever more.
+	w.m.collect()
 }
 
 func describeExit(ps *os.ProcessState, err error) (string, int) {
@@ -250,15 +263,15 @@ func (w *Worker) serve() {
 			w.violation(fmt.Sprintf("sent %d file descriptors", len(fds)))
 			return
 		}
-		now := time.Now()
-		tokens += now.Sub(last).Seconds() * floodRate
-		if tokens > floodBurst {
-			tokens = floodBurst
+		refill := func() {
+			now := time.Now()
+			tokens = min(tokens+now.Sub(last).Seconds()*floodRate, floodBurst)
+			last = now
 		}
-		last = now
-		if tokens < 1 {
-			w.violation("message flood")
-			return
+		if refill(); tokens < 1 {
+			w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", "rate_per_second", floodRate)
+			time.Sleep(time.Duration((1 - tokens) / floodRate * float64(time.Second)))
+			refill()
 		}
 		tokens--
 		if !handoff.IsRequest(msg.Type) {
@@ -281,9 +294,6 @@ func (w *Worker) serve() {
 			helloSeen = true
 		case handoff.TypeListen:
 			sendFD = w.listen(msg.Listen, reply)
-			if sendFD == -2 {
-				return
-			}
 		case handoff.TypeReady:
 			w.m.workerReady(w, "handoff")
 		}
@@ -295,8 +305,10 @@ func (w *Worker) serve() {
 			serr = w.conn.Send(reply)
 		}
 		if serr != nil {
-			if os.IsTimeout(serr) {
+			if errors.Is(serr, os.ErrDeadlineExceeded) {
 				w.violation("stopped reading its handoff channel")
+			} else if !w.isExited() && !errors.Is(serr, syscall.ECONNRESET) && !errors.Is(serr, syscall.EPIPE) {
+				w.violation("its channel failed: " + serr.Error())
 			}
 			return
 		}
@@ -304,8 +316,7 @@ func (w *Worker) serve() {
 }
 
 // listen answers one listen request, filling reply. It returns the fd to
-// attach (owned by the caller), -1 for none, or -2 if the worker was
-// stopped for a violation.
+// attach (owned by the caller), or -1 for none.
 func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 	k, err := handoff.Normalize(req)
 	if err != nil {
@@ -316,37 +327,64 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 		}
 		return -1
 	}
+	// The keys are recorded before the socket is acquired, so that a
+	// collection running meanwhile keeps the socket.
+	keys := []handoff.Key{k}
+	if mk, ok := w.m.reg.memberKey(k, w.Slot); ok {
+		keys = append(keys, mk) // this slot's member of a reuseport group
+	}
 	w.m.mu.Lock()
 	_, known := w.keys[k]
-	n := len(w.keys)
-	w.m.mu.Unlock()
-	if !known && n >= maxKeysPerWorker {
-		w.violation(fmt.Sprintf("asked for more than %d sockets", maxKeysPerWorker))
-		return -2
-	}
-	if !w.m.reg.Has(k) {
-		if err := w.m.cfg.Account.mayAsk(k); err != nil {
-			reply.Error, reply.Errno = err.Error(), handoff.ErrnoName(err)
-			w.log.Warn("listen refused", "key", k.String(), "error", err)
-			return -1
-		}
-	}
-	fd, s, err := w.m.reg.Acquire(k, w.Slot)
-	if err != nil {
-		reply.Error = err.Error()
-		reply.Errno = handoff.ErrnoName(err)
-		w.log.Warn("listen failed", "key", k.String(), "error", err)
+	if !known && len(w.keys) >= maxKeysPerWorker {
+		w.m.mu.Unlock()
+		reply.Error = fmt.Sprintf("listen %s: this worker already holds %d sockets, the most one worker may ask for", k, maxKeysPerWorker)
+		reply.Errno = "EMFILE"
+		w.warnOnce("keys", "listen refused: the worker holds too many sockets", "limit", maxKeysPerWorker)
 		return -1
 	}
-	w.m.mu.Lock()
-	w.keys[k] = struct{}{}
-	if s.Key.Member > 0 {
-		w.keys[s.Key] = struct{}{} // this slot's member of a reuseport group
+	var added []handoff.Key
+	for _, x := range keys {
+		if _, ok := w.keys[x]; !ok {
+			w.keys[x] = struct{}{}
+			added = append(added, x)
+		}
 	}
 	w.m.mu.Unlock()
+	// The registry opens a socket it does not hold yet with the worker's
+	// own credentials, so the kernel decides what it may bind; sockets the
+	// operator declared (--listen) or handed in are shared as they are.
+	fd, s, err := w.m.reg.Acquire(k, w.Slot)
+	if err != nil {
+		w.m.mu.Lock()
+		for _, x := range added {
+			delete(w.keys, x)
+		}
+		w.m.mu.Unlock()
+		reply.Error = err.Error()
+		reply.Errno = handoff.ErrnoName(err)
+		if errors.Is(err, unix.ENFILE) {
+			w.warnOnce("max-sockets", "listen refused: the master holds --max-sockets sockets", "key", k.String(), "error", err)
+		} else {
+			w.warnOnce("listen:"+reply.Errno, "listen failed", "key", k.String(), "error", err)
+		}
+		return -1
+	}
 	reply.Network, reply.Address = s.Network, s.Addr
 	w.log.Debug("listener handed over", "key", s.Key.String(), "addr", s.Addr)
 	return fd
+}
+
+// warnOnce logs a warning the first time what happens to this worker, and
+// never again: a worker repeating a refused request must not flood the
+// master's log (the worker itself gets every error).
+func (w *Worker) warnOnce(what, msg string, args ...any) {
+	w.m.mu.Lock()
+	first := !w.logged[what]
+	w.logged[what] = true
+	w.m.mu.Unlock()
+	if first {
+		w.log.Warn(msg, args...)
+	}
 }
 
 // violation logs a protocol violation and stops the worker: the stop

@@ -6,12 +6,12 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/gorolling/gorolling/handoff"
 	"golang.org/x/sys/unix"
@@ -38,6 +38,11 @@ type Socket struct {
 	path      string // unix socket file the master created and removes at stop
 	ino       uint64 // inode of path when bound: only that file is removed
 	packet    bool
+	// owner, if set, is the account the socket file was created as (a
+	// socket opened for workers of another account): it is removed with
+	// that account's credentials too. Without, the master created it
+	// itself (--listen) and removes it relative to its directory.
+	owner *Account
 }
 
 // FD returns the master's descriptor. It stays owned by the registry.
@@ -48,17 +53,26 @@ type Registry struct {
 	mu      sync.Mutex
 	sockets map[handoff.Key]*Socket
 	ports   map[handoff.Key]int // port-0 keys -> the port first assigned
-	owner   *Account            // gets the unix socket files, if set
+	// owner is the account workers run as, when it is not the master's:
+	// sockets the workers ask for are opened with its credentials, and
+	// --listen socket files are given to it.
+	owner *Account
 	// reuseport gives each slot its own SO_REUSEPORT socket for TCP
 	// listeners the workers ask for (per-slot reuseport mode).
 	reuseport bool
-	closed    bool
+	// max bounds how many sockets the registry opens on workers' requests
+	// (0: no bound).
+	max    int
+	closed bool
 }
 
 // NewRegistry returns an empty registry.
 func NewRegistry() *Registry { return newRegistry(nil) }
 
 func newRegistry(owner *Account) *Registry {
+	if owner.credential() == nil {
+		owner = nil // workers run as the master: nothing to switch
+	}
 	return &Registry{
 		sockets: make(map[handoff.Key]*Socket),
 		ports:   make(map[handoff.Key]int),
@@ -121,8 +135,11 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 		if k.Network == "fd" {
 			return -1, nil, &Error{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
 		}
+		if n := r.openedLocked(); r.max > 0 && n >= r.max {
+			return -1, nil, &Error{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
+		}
 		var err error
-		s, err = r.open(k)
+		s, err = r.open(k, r.owner, -1)
 		if err != nil {
 			return -1, nil, err
 		}
@@ -133,11 +150,39 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 			return -1, nil, err
 		}
 	}
+	// O_NONBLOCK belongs to the open file description every holder
+	// shares, and any worker may have cleared it (a non-Go program that
+	// switched its copy to blocking mode): a Go worker blocked in accept(2)
+	// could not stop. Set it again each time the socket is handed out.
+	if err := unix.SetNonblock(s.fd, true); err != nil {
+		return -1, nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("set socket %s non-blocking: %v", k, err)}
+	}
 	dup, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return -1, nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("dup socket %s: %v", k, err)}
 	}
 	return dup, s, nil
+}
+
+// openedLocked counts the sockets opened on workers' requests.
+func (r *Registry) openedLocked() int {
+	n := 0
+	for _, s := range r.sockets {
+		if !s.Persistent {
+			n++
+		}
+	}
+	return n
+}
+
+// memberKey returns the key of slot's member socket in reuseport mode, for
+// a request that would get one.
+func (r *Registry) memberKey(k handoff.Key, slot int) (handoff.Key, bool) {
+	if !r.reuseport || !reusable(k) || slot < 0 {
+		return handoff.Key{}, false
+	}
+	k.Member = slot + 1
+	return k, true
 }
 
 // reusable reports whether k can be a per-slot SO_REUSEPORT group: TCP
@@ -165,8 +210,12 @@ func checkFDKind(s *Socket, packet bool) error {
 	return nil
 }
 
-// open creates the socket for k. Called with r.mu held.
-func (r *Registry) open(k handoff.Key) (*Socket, error) {
+// open creates the socket for k. Called with r.mu held. With as set, every
+// path and bind operation runs with that account's credentials, so the
+// kernel applies its own rules to it (see runAs). umask >= 0 gives the
+// socket file a mode from birth (0777 &^ umask); the master's other threads
+// keep their own umask.
+func (r *Registry) open(k handoff.Key, as *Account, umask int) (*Socket, error) {
 	addr := k.Address
 	port0 := false
 	pk := k.Shared() // port-0 assignments are shared by a group's members
@@ -176,14 +225,67 @@ func (r *Registry) open(k handoff.Key) (*Socket, error) {
 			addr = k.WithPort(p)
 		}
 	}
-	var path string
+	path := ""
 	if strings.HasPrefix(k.Network, "unix") && !strings.HasPrefix(k.Address, "@") {
 		path = k.Address
-		if err := clearStaleUnix(k.Network, path); err != nil {
-			return nil, err
+	}
+	var s *Socket
+	bind := func() error {
+		if path != "" {
+			if err := clearStaleUnix(k.Network, path); err != nil {
+				return err
+			}
+		}
+		var err error
+		s, err = bindSocket(k, addr)
+		if err == nil && path != "" {
+			var st unix.Stat_t
+			if unix.Lstat(path, &st) == nil {
+				s.ino = st.Ino
+			}
+		}
+		return err
+	}
+	var err error
+	if as != nil || umask >= 0 {
+		if umask < 0 {
+			umask = processUmask()
+		}
+		err = runAs(as, umask, bind)
+	} else {
+		err = bind()
+	}
+	if err != nil {
+		return nil, explainDenied(k, as, err)
+	}
+	s.Key, s.path, s.packet, s.owner = k, path, k.Packet, as
+	if port0 {
+		if _, p, err := net.SplitHostPort(s.Addr); err == nil {
+			r.ports[pk], _ = strconv.Atoi(p)
 		}
 	}
-	ctx := context.Background()
+	return s, nil
+}
+
+// processUmask reads the process's umask without changing it (umask(2)
+// can only read it by setting it, which would race with other threads).
+func processUmask() int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+				if n, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32); err == nil {
+					return int(n)
+				}
+			}
+		}
+	}
+	return 0o022
+}
+
+// bindSocket creates, binds and (for streams) listens on the socket of k
+// at addr, in the calling thread's credentials.
+func bindSocket(k handoff.Key, addr string) (*Socket, error) {
 	var lc net.ListenConfig
 	if k.Member > 0 {
 		lc.Control = func(_, _ string, c syscall.RawConn) error {
@@ -196,44 +298,36 @@ func (r *Registry) open(k handoff.Key) (*Socket, error) {
 			return serr
 		}
 	}
-	var s *Socket
-	var err error
+	ctx := context.Background()
 	if k.Packet {
-		var pc net.PacketConn
-		pc, err = lc.ListenPacket(ctx, k.Network, addr)
-		if err == nil {
-			s, err = takeFD(pc.(syscall.Conn), pc.LocalAddr(), pc.Close)
+		pc, err := lc.ListenPacket(ctx, k.Network, addr)
+		if err != nil {
+			return nil, err
 		}
-	} else {
-		var l net.Listener
-		l, err = lc.Listen(ctx, k.Network, addr)
-		if err == nil {
-			if ul, ok := l.(*net.UnixListener); ok {
-				ul.SetUnlinkOnClose(false)
-			}
-			s, err = takeFD(l.(syscall.Conn), l.Addr(), l.Close)
-		}
+		return takeFD(pc.(syscall.Conn), pc.LocalAddr(), pc.Close)
 	}
+	l, err := lc.Listen(ctx, k.Network, addr)
 	if err != nil {
-		return nil, &Error{Errno: errnoOf(err), Msg: err.Error()}
+		return nil, err
 	}
-	s.Key, s.path, s.packet = k, path, k.Packet
-	if path != "" {
-		var st unix.Stat_t
-		if unix.Lstat(path, &st) == nil {
-			s.ino = st.Ino
-		}
-		if err := r.owner.chown(path); err != nil {
-			s.close(true)
-			return nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("chown %s: %v", path, err)}
-		}
+	if ul, ok := l.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
 	}
-	if port0 {
-		if _, p, err := net.SplitHostPort(s.Addr); err == nil {
-			r.ports[pk], _ = strconv.Atoi(p)
-		}
+	return takeFD(l.(syscall.Conn), l.Addr(), l.Close)
+}
+
+// explainDenied turns a failed open into the Error a worker gets. A
+// refusal the kernel made because the workers' account may not do it says
+// how the operator can hand the socket over instead.
+func explainDenied(k handoff.Key, as *Account, err error) error {
+	var e *Error
+	if !errors.As(err, &e) {
+		e = &Error{Errno: errnoOf(err), Msg: err.Error()}
 	}
-	return s, nil
+	if as != nil && (e.Errno == unix.EACCES || e.Errno == unix.EPERM) {
+		e = &Error{Errno: e.Errno, Msg: fmt.Sprintf("%s (workers run as %s, and the kernel refuses %s this; pre-declare the socket with --listen)", e.Msg, as.User, as.User)}
+	}
+	return e
 }
 
 // takeFD duplicates the descriptor of a socket net created, then closes
@@ -261,20 +355,32 @@ func takeFD(c syscall.Conn, a net.Addr, closeFn func() error) (*Socket, error) {
 
 // clearStaleUnix removes a socket file left behind by a process that is
 // gone (connect gets ECONNREFUSED), and refuses a path where something still
-// listens.
+// listens. It works by path in the calling thread's credentials: call it
+// with the credentials of whoever the socket is for.
 func clearStaleUnix(network, path string) error {
-	fi, err := os.Lstat(path)
-	if err != nil || fi.Mode()&os.ModeSocket == 0 {
-		return nil // absent, or not a socket: bind reports the real error
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil // absent, unreachable or not a socket: bind reports the real error
 	}
-	c, err := net.DialTimeout(network, path, time.Second)
-	if err == nil {
-		c.Close()
+	typ := unix.SOCK_STREAM
+	switch network {
+	case "unixpacket":
+		typ = unix.SOCK_SEQPACKET
+	case "unixgram":
+		typ = unix.SOCK_DGRAM
+	}
+	fd, err := unix.Socket(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	if err != nil {
+		return &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: probe for a stale socket: %v", network, path, err)}
+	}
+	err = unix.Connect(fd, &unix.SockaddrUnix{Name: path})
+	unix.Close(fd)
+	switch {
+	case err == nil || errors.Is(err, unix.EAGAIN):
 		return &Error{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: another process is listening on this socket: address already in use", network, path)}
-	}
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		if rerr := os.Remove(path); rerr != nil && !os.IsNotExist(rerr) {
-			return &Error{Errno: errnoOf(rerr), Msg: fmt.Sprintf("remove stale socket %s: %v", path, rerr)}
+	case errors.Is(err, unix.ECONNREFUSED):
+		if err := unix.Unlink(path); err != nil && !errors.Is(err, unix.ENOENT) {
+			return &Error{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: a stale socket file is in the way and may not be removed: %v", network, path, err)}
 		}
 	}
 	return nil
@@ -393,11 +499,74 @@ func (s *Socket) close(removeFile bool) {
 	unix.Close(s.fd)
 	s.fd = -1
 	if removeFile && s.path != "" {
-		var st unix.Stat_t
-		if unix.Lstat(s.path, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK && st.Ino == s.ino {
-			os.Remove(s.path)
-		}
+		removeSocketFile(s.path, s.ino, s.owner)
 	}
+}
+
+// removeSocketFile removes the socket file at path if it is still the one
+// the master created (inode ino). A file created for workers is removed
+// with their account's credentials, so the kernel judges the path as it
+// would for them; one the master created itself is removed relative to its
+// directory, opened without following symlinks.
+func removeSocketFile(path string, ino uint64, owner *Account) {
+	same := func(st *unix.Stat_t) bool {
+		return st.Mode&unix.S_IFMT == unix.S_IFSOCK && st.Ino == ino
+	}
+	if owner != nil {
+		_ = runAs(owner, 0o077, func() error {
+			var st unix.Stat_t
+			if unix.Lstat(path, &st) == nil && same(&st) {
+				return unix.Unlink(path)
+			}
+			return nil
+		})
+		return
+	}
+	dir, base := filepath.Split(path)
+	dfd, err := openDirNoFollow(dir)
+	if err != nil {
+		return
+	}
+	defer unix.Close(dfd)
+	var st unix.Stat_t
+	if unix.Fstatat(dfd, base, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && same(&st) {
+		_ = unix.Unlinkat(dfd, base, 0)
+	}
+}
+
+// chownSocketFile gives the socket file the master just bound at path to
+// a, without following a symlink anywhere on the way: the directory is
+// opened without symlinks, and the file itself is pinned by an O_PATH
+// descriptor and checked to be what bind made (a socket with one link,
+// owned by the master) before its owner changes. A hard link to another
+// file, or a file swapped in, is refused. It returns the file's inode.
+func chownSocketFile(path string, a *Account) (uint64, error) {
+	dir, base := filepath.Split(path)
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return 0, err
+	}
+	dfd, err := openDirNoFollow(real)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", dir, err)
+	}
+	defer unix.Close(dfd)
+	fd, err := unix.Openat(dfd, base, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return 0, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Nlink != 1 || int(st.Uid) != os.Geteuid() {
+		return 0, fmt.Errorf("%s is no longer the socket file just bound (replaced while it was set up)", path)
+	}
+	if err := unix.Fchownat(fd, "", int(a.UID), int(a.GID), unix.AT_EMPTY_PATH); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
 }
 
 func errnoOf(err error) syscall.Errno {
@@ -454,18 +623,24 @@ func (r *Registry) Preopen(ls ListenSpec) (*Socket, error) {
 	if r.sockets[k] != nil {
 		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
 	}
-	s, err := r.open(k)
+	// The master binds --listen sockets itself (they are how the operator
+	// hands workers what their account could not open). A mode is set
+	// through the umask of the binding thread, so the file is born with it.
+	umask := -1
+	if ls.Mode != 0 {
+		umask = int(0o777 &^ ls.Mode)
+	}
+	s, err := r.open(k, nil, umask)
 	if err != nil {
 		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
 	}
-	if ls.Mode != 0 && s.path != "" {
-		// The socket exists with the umask's mode between bind and this
-		// chmod; the mode only ever widens or narrows access for the
-		// short window, and nothing is handed out before it ends.
-		if err := os.Chmod(s.path, ls.Mode); err != nil {
+	if s.path != "" && r.owner != nil {
+		ino, err := chownSocketFile(s.path, r.owner)
+		if err != nil {
 			s.close(true)
-			return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+			return nil, fmt.Errorf("--listen %q: give the socket file to %s: %w", ls.Spec, r.owner.User, err)
 		}
+		s.ino = ino
 	}
 	if p := k.Port(); p == 0 && !strings.HasPrefix(k.Network, "unix") {
 		if _, port, err := net.SplitHostPort(s.Addr); err == nil {

@@ -52,10 +52,10 @@ type Restore struct {
 	FDs []int
 }
 
-// ExportState returns the master's state and its sockets' descriptors (the
-// master's own: the caller must not close them, and they stay valid while
-// the master runs).
-func (m *Master) ExportState() (State, []int) {
+// ExportState returns the master's state and duplicates of its sockets'
+// descriptors (close-on-exec), which the caller closes: they stay valid
+// however long the transfer takes, whatever the master closes meanwhile.
+func (m *Master) ExportState() (State, []int, error) {
 	m.mu.Lock()
 	st := State{
 		LastGeneration: m.lastGen,
@@ -78,8 +78,16 @@ func (m *Master) ExportState() (State, []int) {
 				ss.PreopenIndex = i
 			}
 		}
+		fd, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			r.mu.Unlock()
+			for _, x := range fds {
+				unix.Close(x)
+			}
+			return State{}, nil, fmt.Errorf("export the state: dup socket %s: %w", s.Key, err)
+		}
 		st.Sockets = append(st.Sockets, ss)
-		fds = append(fds, s.fd)
+		fds = append(fds, fd)
 	}
 	for k, p := range r.ports {
 		st.Ports = append(st.Ports, PortState{Key: k, Port: p})
@@ -87,11 +95,13 @@ func (m *Master) ExportState() (State, []int) {
 	r.mu.Unlock()
 	if c := m.control; c != nil {
 		if fd, ok := c.rawFD(); ok {
-			st.Sockets = append(st.Sockets, SocketState{Network: "unix", Addr: c.path, Path: c.path, Control: true, PreopenIndex: -1})
-			fds = append(fds, fd)
+			if dup, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0); err == nil {
+				st.Sockets = append(st.Sockets, SocketState{Network: "unix", Addr: c.path, Path: c.path, Control: true, PreopenIndex: -1})
+				fds = append(fds, dup)
+			}
 		}
 	}
-	return st, fds
+	return st, fds, nil
 }
 
 // restore takes over a predecessor's sockets. Called from New.
@@ -122,6 +132,10 @@ func (m *Master) restore(rs *Restore) (controlFD int, err error) {
 			Key: ss.Key, Network: ss.Network, Addr: ss.Addr, Name: ss.Name,
 			Persistent: ss.Persistent, fd: fd, path: ss.Path, ino: ss.Ino,
 			packet: ss.Packet, preopened: ss.PreopenIndex >= 0,
+		}
+		if s.path != "" && !s.preopened {
+			// Opened for the workers: its file is theirs to remove.
+			s.owner = r.owner
 		}
 		lookup := ss.Key
 		if lookup.Network == "fd" {

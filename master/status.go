@@ -8,19 +8,32 @@ import (
 
 // Status is a snapshot of a master, as "gorolling status --json" prints it.
 type Status struct {
-	PID            int              `json:"pid"`
-	Version        string           `json:"version"`
-	Program        string           `json:"program"`
-	Started        time.Time        `json:"started"`
-	UptimeSec      float64          `json:"uptime_seconds"`
-	ServiceStarted time.Time        `json:"service_started"`
-	MasterUpgrades int              `json:"master_upgrades"`
-	Workers        int              `json:"workers"`
-	Generation     int              `json:"generation"` // the serving one, 0 if none
-	Upgrade        string           `json:"upgrade"`    // what an upgrade in progress is doing, or ""
-	ControlPath    string           `json:"control"`
-	Processes      []WorkerStatus   `json:"processes"`
-	Listeners      []ListenerStatus `json:"listeners"`
+	PID            int       `json:"pid"`
+	Version        string    `json:"version"`
+	Program        string    `json:"program"`
+	Started        time.Time `json:"started"`
+	UptimeSec      float64   `json:"uptime_seconds"`
+	ServiceStarted time.Time `json:"service_started"`
+	MasterUpgrades int       `json:"master_upgrades"`
+	Workers        int       `json:"workers"`
+	Generation     int       `json:"generation"` // the serving one, 0 if none
+	Upgrade        string    `json:"upgrade"`    // what an upgrade in progress is doing, or ""
+	ControlPath    string    `json:"control"`
+	// MasterUpgradeFailure is the last master upgrade that failed, if the
+	// master has not been replaced since.
+	MasterUpgradeFailure *MasterUpgradeFailure `json:"master_upgrade_failure,omitempty"`
+	Processes            []WorkerStatus        `json:"processes"`
+	Listeners            []ListenerStatus      `json:"listeners"`
+}
+
+// MasterUpgradeFailure describes a failed master self-upgrade.
+type MasterUpgradeFailure struct {
+	// Binary is the gorolling binary that was tried.
+	Binary string `json:"binary"`
+	// Error is why it failed.
+	Error string `json:"error"`
+	// At is when.
+	At time.Time `json:"at"`
 }
 
 // WorkerStatus describes one live worker.
@@ -51,16 +64,17 @@ func (m *Master) Status() Status {
 	now := time.Now()
 	m.mu.Lock()
 	st := Status{
-		PID:            os.Getpid(),
-		Version:        m.cfg.Version,
-		Program:        m.cfg.Program,
-		Started:        m.started,
-		UptimeSec:      now.Sub(m.started).Seconds(),
-		ServiceStarted: m.serviceStarted,
-		MasterUpgrades: m.masterUpgrades,
-		Workers:        m.workers,
-		Upgrade:        m.upgradeNote,
-		ControlPath:    m.ControlPath(),
+		PID:                  os.Getpid(),
+		Version:              m.cfg.Version,
+		Program:              m.cfg.Program,
+		Started:              m.started,
+		UptimeSec:            now.Sub(m.started).Seconds(),
+		ServiceStarted:       m.serviceStarted,
+		MasterUpgrades:       m.masterUpgrades,
+		Workers:              m.workers,
+		Upgrade:              m.upgradeNote,
+		ControlPath:          m.ControlPath(),
+		MasterUpgradeFailure: m.masterFailure,
 	}
 	if m.serving != nil {
 		st.Generation = m.serving.Num
@@ -117,6 +131,14 @@ func (m *Master) Status() Status {
 		return a.Slot < b.Slot
 	})
 	return st
+}
+
+// SetMasterUpgradeFailure records the last failed master upgrade, for
+// Status.
+func (m *Master) SetMasterUpgradeFailure(f *MasterUpgradeFailure) {
+	m.mu.Lock()
+	m.masterFailure = f
+	m.mu.Unlock()
 }
 
 // SetUpgradeNote records what an upgrade in progress is doing, for Status.

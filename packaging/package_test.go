@@ -819,7 +819,7 @@ func TestDebUpgrade(t *testing.T) {
 	// A master that died without removing its control socket.
 	runDir := installedPaths.runDir
 	if _, err := os.Stat(runDir); errors.Is(err, os.ErrNotExist) {
-		if err := os.MkdirAll(runDir, 0o755); err != nil {
+		if err := os.MkdirAll(runDir, 0o700); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { os.Remove(runDir) })

@@ -35,7 +35,7 @@ func TestUnitFile(t *testing.T) {
 	s := unitSettings(string(b))
 	for key, want := range map[string]string{
 		"Service.Type":                     "notify",
-		"Service.NotifyAccess":             "all",
+		"Service.NotifyAccess":             "main",
 		"Service.EnvironmentFile":          "/etc/gorolling/%i.conf",
 		"Service.ExecStart":                "/usr/bin/gorolling exec --name %i $OPTIONS -- $COMMAND",
 		"Service.ExecReload":               "/usr/bin/gorolling upgrade --wait --name %i",
@@ -43,6 +43,7 @@ func TestUnitFile(t *testing.T) {
 		"Service.Restart":                  "on-failure",
 		"Service.RuntimeDirectory":         "gorolling",
 		"Service.RuntimeDirectoryPreserve": "yes",
+		"Service.RuntimeDirectoryMode":     "0700",
 		"Service.NoNewPrivileges":          "yes",
 		"Service.ProtectSystem":            "full",
 		"Service.PrivateTmp":               "yes",

@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,6 +25,15 @@ import (
 // stateFile is the name, in tableflip's fd inventory, of the socket that
 // carries a master's state and sockets to its successor.
 const stateFile = "gorolling-state"
+
+// stateIdleTimeout bounds how long the state transfer may stall: a new
+// master that reads nothing for that long fails the master upgrade.
+const stateIdleTimeout = 10 * time.Second
+
+// stateSndbufEnv, when set to a number of bytes, forces the state stream's
+// send buffer that small: the tests use it to show that the transfer never
+// depends on the socket buffer (net.core.wmem_max) being large.
+const stateSndbufEnv = "GOROLLING_STATE_SNDBUF"
 
 // SelfConfig configures Self.
 type SelfConfig struct {
@@ -50,6 +60,12 @@ type Self struct {
 	exe       unix.Stat_t
 	exeOK     bool
 	parentPID int
+
+	// rendezvous is the end of the state socketpair this master keeps; the
+	// other end sits in tableflip's inventory for every successor. Made on
+	// the first self-upgrade and reused by every later try, so a failed
+	// try leaves nothing behind in the inventory.
+	rendezvous *os.File
 
 	mu         sync.Mutex
 	parentGone bool
@@ -94,37 +110,37 @@ func (s *Self) Inherited() (*master.Restore, error) {
 		return nil, errors.New("upgrade: the previous master passed no state")
 	}
 	defer f.Close()
-	rc, err := f.SyscallConn()
+	fd, err := rawFD(f)
 	if err != nil {
 		return nil, err
 	}
 	var rs master.Restore
-	var rerr error
-	if err := rc.Control(func(fd uintptr) {
-		rs.FDs, rerr = handoff.ReceiveBundle(int(fd), &rs.State)
-		if rerr == nil {
-			// Tell the old master who we are; it logs it and reports it.
-			b, _ := json.Marshal(map[string]int{"pid": os.Getpid()})
-			_ = unix.Sendmsg(int(fd), b, nil, nil, unix.MSG_DONTWAIT)
-		}
-	}); err != nil {
-		return nil, err
+	fds, reply, err := handoff.ReceiveBundle(fd, &rs.State)
+	if err != nil {
+		return nil, fmt.Errorf("upgrade: inherited state: %w", err)
 	}
-	if rerr != nil {
-		return nil, fmt.Errorf("upgrade: inherited state: %w", rerr)
+	rs.FDs = fds
+	// Tell the old master who we are; it logs it and reports it.
+	b, _ := json.Marshal(map[string]int{"pid": os.Getpid()})
+	_ = handoff.Reply(reply, b)
+	if reply != fd {
+		unix.Close(reply)
 	}
 	return &rs, nil
 }
 
 // ready finishes a start: tableflip writes the PID file and releases the
-// parent; systemd hears MAINPID and READY=1.
+// parent. A first master tells systemd READY=1. A successor says nothing:
+// systemd (NotifyAccess=main) believes only the main process, so the old
+// master announces its successor (MAINPID= and READY=1) once this one is
+// ready.
 func (s *Self) ready() error {
 	if err := s.upg.Ready(); err != nil {
 		return err
 	}
-	state := "READY=1\nSTATUS=serving"
-	if s.HasParent() {
-		state = "MAINPID=" + strconv.Itoa(os.Getpid()) + "\n" + state
+	if !s.HasParent() {
+		s.sdNotify("READY=1\nSTATUS=serving")
+	} else {
 		go func() {
 			err := s.upg.WaitForParent(context.Background())
 			s.mu.Lock()
@@ -137,7 +153,6 @@ func (s *Self) ready() error {
 			}
 		}()
 	}
-	s.sdNotify(state)
 	return nil
 }
 
@@ -146,6 +161,31 @@ func (s *Self) waitingForParent() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return !s.parentGone
+}
+
+// binaryID identifies one version of a file on disk: replacing it
+// (rename) changes the inode, rewriting it in place the size or mtime.
+type binaryID struct {
+	path             string
+	dev, ino         uint64
+	size             int64
+	mtimeSec, mtimeN int64
+}
+
+// onDisk identifies the gorolling binary a self-upgrade would start now.
+func (s *Self) onDisk() (binaryID, bool) {
+	if s == nil {
+		return binaryID{}, false
+	}
+	p, err := exec.LookPath(os.Args[0])
+	if err != nil {
+		return binaryID{}, false
+	}
+	var st unix.Stat_t
+	if unix.Stat(p, &st) != nil {
+		return binaryID{}, false
+	}
+	return binaryID{path: p, dev: st.Dev, ino: st.Ino, size: st.Size, mtimeSec: st.Mtim.Sec, mtimeN: st.Mtim.Nsec}, true
 }
 
 // BinaryChanged reports whether the gorolling binary that a self-upgrade
@@ -184,41 +224,80 @@ func (s *Self) upgrade(m *master.Master) (int, error) {
 			return 0, fmt.Errorf("the previous master (pid %d) is still draining its workers; a new master can start once it has exited", s.parentPID)
 		}
 	}
-	send, recv, err := handoff.BundlePair()
+	if s.rendezvous == nil {
+		keep, give, err := handoff.Rendezvous()
+		if err != nil {
+			return 0, err
+		}
+		// tableflip keeps a duplicate for every successor; under the same
+		// name it replaces what this master inherited.
+		err = s.upg.AddFile(stateFile, give)
+		give.Close()
+		if err != nil {
+			keep.Close()
+			return 0, fmt.Errorf("upgrade: pass state: %w", err)
+		}
+		s.rendezvous = keep
+	}
+	rz, err := rawFD(s.rendezvous)
 	if err != nil {
 		return 0, err
 	}
-	defer send.Close()
-	defer recv.Close()
-	st, fds := m.ExportState()
-	sendFD, err := rawFD(send)
+	// A stream a failed successor never took would hold its sockets.
+	handoff.DiscardBundle(rz)
+	defer func() {
+		handoff.DiscardBundle(rz)
+		// tableflip leaves the pipes of a failed child to the garbage
+		// collector; collect them now rather than at some later GC.
+		runtime.GC()
+	}()
+	sndbuf, _ := strconv.Atoi(os.Getenv(stateSndbufEnv))
+	stream, err := handoff.OpenStream(rz, sndbuf)
 	if err != nil {
 		return 0, err
 	}
-	if err := handoff.SendBundle(sendFD, st, fds); err != nil {
-		return 0, err
-	}
-	recvFD, err := rawFD(recv)
+	defer unix.Close(stream)
+	st, fds, err := m.ExportState()
 	if err != nil {
 		return 0, err
 	}
-	if err := s.upg.AddFile(stateFile, recv); err != nil {
-		handoff.DiscardBundle(recvFD)
-		return 0, fmt.Errorf("upgrade: pass state: %w", err)
+	defer func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}()
+
+	// Start the new master first, then stream the state while it reads: a
+	// bundle queued before it runs could fill the socket buffer and block
+	// this master (and every later upgrade, and the stop) for good.
+	upgraded := make(chan error, 1)
+	go func() { upgraded <- s.upg.Upgrade() }()
+	abort := make(chan struct{})
+	streamed := make(chan error, 1)
+	go func() { streamed <- handoff.SendBundle(stream, st, fds, stateIdleTimeout, abort) }()
+	var upErr, sendErr error
+	select {
+	case sendErr = <-streamed:
+		if sendErr != nil {
+			// Close the stream so a new master that waits for the rest
+			// sees its end at once, fails and exits.
+			unix.Shutdown(stream, unix.SHUT_RDWR)
+		}
+		upErr = <-upgraded
+	case upErr = <-upgraded:
+		close(abort)
+		sendErr = <-streamed
 	}
-	if err := s.upg.Upgrade(); err != nil {
-		// Release the sockets still queued for a master that never took
-		// them (tableflip keeps a duplicate of this end).
-		handoff.DiscardBundle(recvFD)
-		return 0, explainTableflip(err)
+	if upErr != nil {
+		if sendErr != nil {
+			return 0, fmt.Errorf("the new master did not take the state: %v", sendErr)
+		}
+		return 0, explainTableflip(upErr)
 	}
 	pid := 0
-	buf := make([]byte, 128)
-	if n, _, err := unix.Recvfrom(sendFD, buf, unix.MSG_DONTWAIT); err == nil && n > 0 {
-		var r map[string]int
-		if json.Unmarshal(buf[:n], &r) == nil {
-			pid = r["pid"]
-		}
+	var r map[string]int
+	if json.Unmarshal(handoff.ReadReply(stream), &r) == nil {
+		pid = r["pid"]
 	}
 	return pid, nil
 }

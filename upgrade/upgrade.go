@@ -63,6 +63,9 @@ type Result struct {
 	// Finished is how long from the request until the old generation was
 	// gone (or, on rollback, until the new one was stopped).
 	Finished time.Duration
+	// MasterErr, for an automatic upgrade that fell back to the workers, is
+	// why the master upgrade it tried first failed.
+	MasterErr error
 }
 
 // ErrStopping is the result of an upgrade requested or interrupted while
@@ -79,6 +82,11 @@ type Manager struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+
+	// failedBinary is the gorolling binary whose master upgrade failed
+	// last: automatic upgrades do not try it again. Only the upgrade loop
+	// touches it.
+	failedBinary *binaryID
 
 	mu             sync.Mutex
 	running        bool
@@ -203,6 +211,9 @@ func (u *Manager) Outcome(kind master.UpgradeKind) <-chan master.UpgradeOutcome 
 		if r.Err != nil {
 			o.Error = r.Err.Error()
 		}
+		if r.MasterErr != nil {
+			o.MasterError = r.MasterErr.Error()
+		}
 		out <- o
 	}()
 	return out
@@ -276,22 +287,46 @@ func (u *Manager) loop(at time.Time, kind master.UpgradeKind, waiters []chan Res
 }
 
 // run performs one upgrade.
+//
+// An automatic upgrade (HUP) re-execs the master when the gorolling binary
+// changed on disk, and otherwise rolls the workers. A broken gorolling
+// binary must not block application deploys: when the master upgrade
+// fails, the same request rolls the workers instead, and later automatic
+// upgrades leave the master alone until the binary changes again.
 func (u *Manager) run(at time.Time, kind master.UpgradeKind) Result {
-	if kind == master.UpgradeAuto {
+	auto := kind == master.UpgradeAuto
+	if auto {
 		kind = master.UpgradeWorkers
 		if u.cfg.Self != nil && u.cfg.Self.BinaryChanged() {
-			u.log.Info("the gorolling binary changed on disk: upgrading the master")
-			kind = master.UpgradeMaster
+			if id, ok := u.cfg.Self.onDisk(); ok && u.failedBinary != nil && id == *u.failedBinary {
+				u.log.Info("the gorolling binary is the one whose master upgrade failed; upgrading the workers only")
+			} else {
+				u.log.Info("the gorolling binary changed on disk: upgrading the master")
+				kind = master.UpgradeMaster
+			}
 		}
 	}
 	u.cfg.Self.sdNotify("RELOADING=1\nSTATUS=upgrading")
 	var res Result
 	if kind == master.UpgradeMaster {
 		res = u.runMaster(at)
+		if res.Err != nil && auto {
+			u.log.Warn("master upgrade failed; upgrading the workers instead", "reason", res.Err.Error())
+			merr := res.Err
+			res = u.runWorkers(at)
+			res.MasterErr = merr
+			if res.Err != nil {
+				res.Err = fmt.Errorf("%w (the master upgrade tried first failed too: %v)", res.Err, merr)
+			}
+		}
 	} else {
 		res = u.runWorkers(at)
 	}
-	if !(res.Kind == "master" && res.Err == nil) {
+	if res.Kind == "master" && res.Err == nil {
+		// systemd believes only its main process (NotifyAccess=main), and
+		// that is still this master: it names its successor.
+		u.cfg.Self.sdNotify(fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving", res.NewMaster))
+	} else {
 		u.cfg.Self.sdNotify("READY=1\nSTATUS=serving")
 	}
 	u.m.SetUpgradeNote("")
@@ -311,11 +346,16 @@ func (u *Manager) runMaster(at time.Time) Result {
 	u.log.Info("master upgrade started", "from", res.From)
 	u.m.SetUpgradeNote("starting a new master")
 	next := u.m.LastGeneration() + 1
+	tried, known := u.cfg.Self.onDisk()
 	pid, err := u.cfg.Self.upgrade(u.m)
 	res.Finished = time.Since(at)
 	if err != nil {
 		res.Err = err
 		u.log.Error("master upgrade failed; this master keeps serving", "reason", err.Error(), "duration", res.Finished.Round(time.Millisecond))
+		if known {
+			u.failedBinary = &tried
+		}
+		u.m.SetMasterUpgradeFailure(&master.MasterUpgradeFailure{Binary: tried.path, Error: err.Error(), At: time.Now()})
 		return res
 	}
 	res.NewMaster = pid

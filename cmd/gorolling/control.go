@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/gorolling/gorolling/master"
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 )
 
 // clientFlags are the flags every control command takes.
@@ -61,6 +63,14 @@ func call(path string, req master.ControlRequest, wait time.Duration) (*master.C
 		return nil, fmt.Errorf("connect to the master at %s: %w", path, err)
 	}
 	defer conn.Close()
+	// Believe only a master run by root or by this user: anyone who could
+	// put a socket at the path (a directory they own) could otherwise
+	// answer with whatever they like.
+	if uid, err := serverUID(conn.(*net.UnixConn)); err != nil {
+		return nil, fmt.Errorf("check who serves %s: %w", path, err)
+	} else if uid != 0 && uid != os.Geteuid() {
+		return nil, fmt.Errorf("the control socket %s is served by uid %d, not by root or by you (uid %d): not talking to it", path, uid, os.Geteuid())
+	}
 	conn.SetDeadline(time.Now().Add(wait))
 	b, _ := json.Marshal(req)
 	_, werr := conn.Write(append(b, '\n'))
@@ -83,6 +93,25 @@ func call(path string, req master.ControlRequest, wait time.Duration) (*master.C
 		return nil, fmt.Errorf("bad answer from the master: %w", err)
 	}
 	return &resp, nil
+}
+
+// serverUID returns the uid of the process that created the socket conn is
+// connected to (SO_PEERCRED).
+func serverUID(conn *net.UnixConn) (int, error) {
+	rc, err := conn.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	uid, cerr := -1, error(nil)
+	if err := rc.Control(func(fd uintptr) {
+		var cred *unix.Ucred
+		if cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); cerr == nil {
+			uid = int(cred.Uid)
+		}
+	}); err != nil {
+		return -1, err
+	}
+	return uid, cerr
 }
 
 // parseClient parses a control command's flags; it returns a non-negative
@@ -164,6 +193,9 @@ func printStatus(w io.Writer, st *master.Status) {
 		up = "none in progress"
 	}
 	fmt.Fprintf(w, "upgrade    %s\n", up)
+	if f := st.MasterUpgradeFailure; f != nil {
+		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), master.Printable(f.Error, 1024))
+	}
 	if st.MasterUpgrades > 0 {
 		fmt.Fprintf(w, "service    up since %s, %d master upgrades\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades)
 	}
@@ -175,7 +207,7 @@ func printStatus(w io.Writer, st *master.Status) {
 		if p.GenState != "serving" {
 			gen += " (" + p.GenState + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, p.Status)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, master.Printable(p.Status, 256))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
@@ -192,7 +224,8 @@ func printStatus(w io.Writer, st *master.Status) {
 		if g == "" {
 			g = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", l.Key, l.Network, l.Address, l.Kind, l.Name, g)
+		// Unix socket paths are chosen by workers: print them inert.
+		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", master.Printable(l.Key, 4096), l.Network, master.Printable(l.Address, 4096), l.Kind, master.Printable(l.Name, 256), g)
 	}
 	tw.Flush()
 }
@@ -254,6 +287,9 @@ func runUpgrade(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	u := resp.Upgrade
+	if u.MasterError != "" {
+		fmt.Fprintf(stderr, "gorolling upgrade: warning: the master upgrade failed, so only the workers were upgraded: %s\n", u.MasterError)
+	}
 	if u.Kind == "master" {
 		fmt.Fprintf(stdout, "master upgraded: new master pid %d serves generation %d (%d ms)\n", u.NewPID, u.To, u.DurationMS)
 	} else {

@@ -36,6 +36,7 @@ type execOptions struct {
 	user         string
 	group        string
 	reuseport    bool
+	maxSockets   int
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -58,6 +59,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.BoolVar(&o.reuseport, "reuseport", false, "give each worker slot its own SO_REUSEPORT socket for the TCP listeners workers ask for, so the kernel spreads connections evenly (default: one shared socket)")
 	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
+	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
@@ -143,6 +145,9 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.drainTimeout <= 0 {
 		return fail("--drain-timeout must be positive, got %s", o.drainTimeout)
+	}
+	if o.maxSockets < 1 || o.maxSockets > maxSocketsLimit {
+		return fail("--max-sockets must be 1 to %d, got %d", maxSocketsLimit, o.maxSockets)
 	}
 	stopSig, err := parseSignal(o.stopSignal)
 	if err != nil {
@@ -237,6 +242,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Restore:      restore,
 		Account:      account,
 		ReusePort:    o.reuseport,
+		MaxSockets:   o.maxSockets,
 	})
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling: %v\n", err)
@@ -273,6 +279,10 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	}
 	return 0
 }
+
+// maxSocketsLimit bounds --max-sockets: what one self-upgrade bundle
+// carries, with room for the --listen, inherited and control sockets.
+const maxSocketsLimit = 60000
 
 // controlPath picks the control socket: --control, else --name, else the
 // program's file name, in the default directory. "none" disables it.
