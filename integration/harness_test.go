@@ -598,6 +598,35 @@ func gorolling(t *testing.T, cred *syscall.Credential, args ...string) (int, str
 	return cmd.ProcessState.ExitCode(), out.String(), errb.String()
 }
 
+// statusLatency asks the master at ctl for its status over the control
+// socket, in this process (a CLI process's own start-up would dominate the
+// figure), and returns how long the answer took.
+func statusLatency(t *testing.T, ctl string) time.Duration {
+	t.Helper()
+	start := time.Now()
+	c, err := net.DialTimeout("unix", ctl, 10*time.Second)
+	if err != nil {
+		t.Fatalf("connect to %s: %v", ctl, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write([]byte(`{"cmd":"status"}` + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	var resp struct {
+		OK    bool   `json:"ok"`
+		Error string `json:"error"`
+	}
+	if json.Unmarshal(line, &resp) != nil || !resp.OK {
+		t.Fatalf("status answered %q", line)
+	}
+	return time.Since(start)
+}
+
 // readPID reads a pid file.
 func readPID(t *testing.T, path string) int {
 	t.Helper()
