@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // pyReport is the start report of examples/python/server.py.
@@ -41,7 +43,7 @@ func examplePath(t *testing.T, rel string) string {
 func loadWithUpgrades(t *testing.T, p *proc, addr string, n int) {
 	t.Helper()
 	for _, keepAlive := range []bool{true, false} {
-		before := p.count(isMsg("upgrade finished"))
+		before := p.count(isEvent(events.UpgradeFinished))
 		l := startLoad(t, addr, 32, keepAlive)
 		time.Sleep(300 * time.Millisecond)
 		for i := 0; i < n; i++ {
@@ -49,7 +51,7 @@ func loadWithUpgrades(t *testing.T, p *proc, addr string, n int) {
 			time.Sleep(300 * time.Millisecond)
 		}
 		l.requireNoFailures(t)
-		if got := p.count(isMsg("upgrade finished")) - before; got != n {
+		if got := p.count(isEvent(events.UpgradeFinished)) - before; got != n {
 			t.Fatalf("%d upgrades finished, want %d", got, n)
 		}
 	}
@@ -67,10 +69,10 @@ func TestPythonWorker(t *testing.T) {
 		env:  []string{"PY_REPORT=" + report, "DRAIN_GRACE=1"},
 	})
 	p.waitServing()
-	e, _ := p.waitLog(5*time.Second, 0, "the pre-opened listener", isMsg("listener pre-opened"))
+	e, _ := p.waitLog(5*time.Second, 0, "the pre-opened listener", isEvent(events.ListenerPreopened))
 	addr := e.str("addr")
 	for _, e := range p.entries() {
-		if e.msg() == "worker ready" && e.str("via") != "notify" {
+		if e.event() == events.WorkerReady && e.str("via") != "notify" {
 			t.Errorf("worker %d ready via %q, want notify (READY=1)", e.num("pid"), e.str("via"))
 		}
 	}
@@ -106,7 +108,7 @@ func TestNodeWorker(t *testing.T) {
 		env:  []string{"DRAIN_GRACE_MS=1000"},
 	})
 	p.waitServing()
-	e, _ := p.waitLog(5*time.Second, 0, "the pre-opened listener", isMsg("listener pre-opened"))
+	e, _ := p.waitLog(5*time.Second, 0, "the pre-opened listener", isEvent(events.ListenerPreopened))
 	addr := e.str("addr")
 	loadWithUpgrades(t, p, addr, 4)
 	if pid, gen := get(t, addr); gen != 9 || !slices.Contains(p.workerPIDs(9), pid) {
@@ -131,7 +133,7 @@ func TestSocketActivatedMaster(t *testing.T) {
 	// systemd-socket-activate execs the master on the first connection.
 	go poke(addr)
 	p.waitServing()
-	e, _ := p.waitLog(5*time.Second, 0, "the adopted socket", isMsg("inherited socket adopted"))
+	e, _ := p.waitLog(5*time.Second, 0, "the adopted socket", isEvent(events.InheritedAdopted))
 	if e.num("fd") != 3 || e.str("name") != "web" || e.str("addr") != addr {
 		t.Fatalf("adopted %v", e)
 	}
@@ -208,7 +210,7 @@ func TestPreopenedSharedWithGoListen(t *testing.T) {
 		}
 	}
 	get(t, addr)
-	if n := p.count(isMsg("listener handed over")); n != 2 {
+	if n := p.count(isEvent(events.ListenerHandedOver)); n != 2 {
 		t.Errorf("%d listeners handed over, want 2", n)
 	}
 }
@@ -251,24 +253,24 @@ func TestListenFlagErrors(t *testing.T) {
 func TestNotifyAttribution(t *testing.T) {
 	p, _ := twMaster(t, 2, `noready; slot1: notifysibling READY=1; slot1: sleep 100ms; slot1: notify READY=1\nSTATUS=warm`,
 		masterOpts{args: []string{"--ready-timeout", "1500ms"}})
-	p.waitLog(5*time.Second, 0, "the rejected notification", isMsg("notify message from a process outside this worker; ignored"))
+	p.waitLog(5*time.Second, 0, "the rejected notification", isEvent(events.WorkerNotifyIgnored))
 	for _, e := range p.entries() {
-		if e.msg() == "worker ready" && e.num("slot") == 0 {
+		if e.event() == events.WorkerReady && e.num("slot") == 0 {
 			t.Fatalf("slot 0 became ready from its sibling's message")
 		}
 	}
-	e, _ := p.waitLog(5*time.Second, 0, "slot 1 ready", func(e entry) bool { return e.msg() == "worker ready" && e.num("slot") == 1 })
+	e, _ := p.waitLog(5*time.Second, 0, "slot 1 ready", func(e entry) bool { return e.event() == events.WorkerReady && e.num("slot") == 1 })
 	if e.str("via") != "notify" {
 		t.Fatalf("slot 1 ready via %q", e.str("via"))
 	}
-	p.waitLog(5*time.Second, 0, "the status", func(e entry) bool { return e.msg() == "worker status" && e.str("status") == "warm" })
+	p.waitLog(5*time.Second, 0, "the status", func(e entry) bool { return e.event() == events.WorkerStatus && e.str("status") == "warm" })
 }
 
 // TestReadyTimer: --ready=timer:D serves programs that signal nothing.
 func TestReadyTimer(t *testing.T) {
 	p, _ := twMaster(t, 2, "noready; listen tcp 127.0.0.1:0", masterOpts{args: []string{"--ready=timer:300ms"}})
 	for _, e := range p.entries() {
-		if e.msg() == "worker ready" && e.str("via") != "timer" {
+		if e.event() == events.WorkerReady && e.str("via") != "timer" {
 			t.Fatalf("ready via %q", e.str("via"))
 		}
 	}

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // bin holds the binaries TestMain builds: gorolling, example-server,
@@ -52,7 +54,7 @@ func binPath(name string) string { return filepath.Join(bin, name) }
 // entry is one JSON log line of the master.
 type entry map[string]any
 
-func (e entry) msg() string   { s, _ := e["@message"].(string); return s }
+func (e entry) event() string { s, _ := e["event"].(string); return s }
 func (e entry) level() string { s, _ := e["@level"].(string); return s }
 func (e entry) str(k string) string {
 	switch v := e[k].(type) {
@@ -206,7 +208,7 @@ func (p *proc) cleanup() {
 	// Masters that replaced the first one (self-upgrades) are not our
 	// children: stop them by the pids they logged.
 	for _, e := range p.entries() {
-		if e.msg() == "master starting" {
+		if e.event() == events.MasterStarting {
 			if pid := e.num("pid"); pid != p.pid && alive(pid) && ours(pid) {
 				syscall.Kill(pid, syscall.SIGTERM)
 			}
@@ -221,7 +223,7 @@ func (p *proc) cleanup() {
 		case <-time.After(15 * time.Second):
 			p.cmd.Process.Kill()
 			for _, e := range p.entries() {
-				if e.msg() == "master starting" && alive(e.num("pid")) && ours(e.num("pid")) {
+				if e.event() == events.MasterStarting && alive(e.num("pid")) && ours(e.num("pid")) {
 					syscall.Kill(e.num("pid"), syscall.SIGKILL)
 				}
 			}
@@ -285,7 +287,9 @@ func (p *proc) waitLog(timeout time.Duration, from int, what string, pred func(e
 	}
 }
 
-func isMsg(m string) func(entry) bool { return func(e entry) bool { return e.msg() == m } }
+// isEvent matches log lines of one event (master/events): tests never
+// depend on a message's wording.
+func isEvent(ev string) func(entry) bool { return func(e entry) bool { return e.event() == ev } }
 
 func (p *proc) count(pred func(entry) bool) int {
 	n := 0
@@ -300,14 +304,14 @@ func (p *proc) count(pred func(entry) bool) int {
 // waitServing waits for the first generation to serve.
 func (p *proc) waitServing() {
 	p.t.Helper()
-	p.waitLog(30*time.Second, 0, "the first generation to serve", isMsg("generation serving"))
+	p.waitLog(30*time.Second, 0, "the first generation to serve", isEvent(events.GenerationServing))
 }
 
 // workerPIDs returns the pids of every worker the master started in gen.
 func (p *proc) workerPIDs(gen int) []int {
 	var out []int
 	for _, e := range p.entries() {
-		if e.msg() == "worker online" && e.num("generation") == gen {
+		if e.event() == events.WorkerOnline && e.num("generation") == gen {
 			out = append(out, e.num("pid"))
 		}
 	}
@@ -317,7 +321,7 @@ func (p *proc) workerPIDs(gen int) []int {
 func (p *proc) allWorkerPIDs() []int {
 	var out []int
 	for _, e := range p.entries() {
-		if e.msg() == "worker online" {
+		if e.event() == events.WorkerOnline {
 			out = append(out, e.num("pid"))
 		}
 	}
@@ -328,7 +332,7 @@ func (p *proc) allWorkerPIDs() []int {
 // for key (as logged at debug level).
 func (p *proc) listenAddr(timeout time.Duration) string {
 	p.t.Helper()
-	e, _ := p.waitLog(timeout, 0, "a listener", isMsg("listener handed over"))
+	e, _ := p.waitLog(timeout, 0, "a listener", isEvent(events.ListenerHandedOver))
 	return e.str("addr")
 }
 
@@ -346,9 +350,9 @@ func (p *proc) upgrade(timeout time.Duration) int {
 	from := len(p.entries())
 	p.signal(syscall.SIGHUP)
 	e, _ := p.waitLog(timeout, from, "an upgrade to finish", func(e entry) bool {
-		return e.msg() == "upgrade finished" || e.msg() == "upgrade rolled back"
+		return e.event() == events.UpgradeFinished || e.event() == events.UpgradeRolledBack
 	})
-	if e.msg() != "upgrade finished" {
+	if e.event() != events.UpgradeFinished {
 		p.t.Fatalf("upgrade rolled back: %s", e.str("reason"))
 	}
 	return e.num("generation")

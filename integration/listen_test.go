@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorolling/gorolling/master/events"
 	"golang.org/x/sys/unix"
 )
 
@@ -355,7 +356,7 @@ func TestListenExclusiveOwnAndRelisten(t *testing.T) {
 		}
 	}
 	// The master handed out only the one shared socket (once per listen).
-	n := p.count(isMsg("listener handed over"))
+	n := p.count(isEvent(events.ListenerHandedOver))
 	if n != 4 {
 		t.Errorf("master handed out %d listeners, want 4 (2 workers x listen + relisten)", n)
 	}

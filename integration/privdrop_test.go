@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // privilegedPort finds a free port below 1024 on 127.0.0.1.
@@ -112,7 +114,7 @@ func TestPrivilegeDrop(t *testing.T) {
 		}
 	}
 	for _, e := range p.entries() {
-		if e.msg() == "worker ready" && e.str("via") != "notify" {
+		if e.event() == events.WorkerReady && e.str("via") != "notify" {
 			t.Errorf("worker ready via %s, want notify", e.str("via"))
 		}
 	}

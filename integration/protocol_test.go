@@ -6,6 +6,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // TestProtocolViolations: workers that send garbage, descriptors, too many
@@ -39,7 +41,7 @@ func TestProtocolViolations(t *testing.T) {
 	}
 	// Workers n+1..n+len(bad) misbehave (the flooding one even says ready
 	// first); every slot is whole again once n later workers are ready.
-	readyAgain := func(e entry) bool { return e.msg() == "worker ready" && e.num("worker_id") > n+len(bad) }
+	readyAgain := func(e entry) bool { return e.event() == events.WorkerReady && e.num("worker_id") > n+len(bad) }
 	deadline := time.Now().Add(30 * time.Second)
 	for p.count(readyAgain) < n {
 		if time.Now().After(deadline) {
@@ -50,7 +52,7 @@ func TestProtocolViolations(t *testing.T) {
 	for i, b := range bad {
 		id := n + 1 + i
 		e, _ := p.waitLog(20*time.Second, 0, "violation of worker "+strconv.Itoa(id), func(e entry) bool {
-			return e.msg() == "worker broke the handoff protocol; stopping it" && e.num("worker_id") == id
+			return e.event() == events.WorkerViolation && e.num("worker_id") == id
 		})
 		if e.level() != "error" || !strings.Contains(e.str("reason"), b.reason) {
 			t.Errorf("worker %d (%s): logged at %s with reason %q, want %q", id, b.op, e.level(), e.str("reason"), b.reason)
@@ -82,10 +84,10 @@ func TestHandoffFloodThrottled(t *testing.T) {
 	if slowest > time.Second {
 		t.Errorf("status took %s during a handoff flood", slowest)
 	}
-	if n := p.count(isMsg("worker sends requests faster than the master reads them; reading its channel more slowly")); n != 1 {
+	if n := p.count(isEvent(events.WorkerThrottled)); n != 1 {
 		t.Errorf("the flood was logged %d times, want once", n)
 	}
-	if n := p.count(isMsg("worker broke the handoff protocol; stopping it")); n != 0 {
+	if n := p.count(isEvent(events.WorkerViolation)); n != 0 {
 		t.Errorf("a worker sending valid requests quickly was stopped")
 	}
 }

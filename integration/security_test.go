@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorolling/gorolling/master/events"
 	"golang.org/x/sys/unix"
 )
 
@@ -330,7 +331,7 @@ func TestAttackCrashLoopAddresses(t *testing.T) {
 	}
 	starts := 0
 	for _, e := range p.entries() {
-		if e.msg() == "worker online" && e.num("slot") == 1 {
+		if e.event() == events.WorkerOnline && e.num("slot") == 1 {
 			starts++
 		}
 	}
@@ -419,15 +420,15 @@ func TestAttackBrokenGorollingBinary(t *testing.T) {
 	from := len(p.entries())
 	p.signal(syscall.SIGHUP)
 	e, _ := p.waitLog(60*time.Second, from, "the fallback", func(e entry) bool {
-		return e.msg() == "upgrade finished" || e.msg() == "upgrade rolled back"
+		return e.event() == events.UpgradeFinished || e.event() == events.UpgradeRolledBack
 	})
-	if e.msg() != "upgrade finished" || e.num("generation") != 2 {
+	if e.event() != events.UpgradeFinished || e.num("generation") != 2 {
 		t.Fatalf("a HUP after a broken gorolling binary: %v", e)
 	}
 	if _, gen := get(t, addr); gen != 2 {
 		t.Fatalf("generation %d serves after the HUP, want 2", gen)
 	}
-	fb, _ := p.waitLog(time.Second, from, "the fallback log", isMsg("master upgrade failed; upgrading the workers instead"))
+	fb, _ := p.waitLog(time.Second, from, "the fallback log", isEvent(events.MasterUpgradeFallback))
 	if !strings.Contains(fb.str("reason"), "exited before it was ready") {
 		t.Errorf("fallback logged with reason %q", fb.str("reason"))
 	}
@@ -447,7 +448,7 @@ func TestAttackBrokenGorollingBinary(t *testing.T) {
 		t.Fatalf("second HUP: generation %d, want 3", gen)
 	}
 	for _, e := range p.entries()[from:] {
-		if e.msg() == "master upgrade started" {
+		if e.event() == events.MasterUpgradeStarted {
 			t.Errorf("the second HUP retried the unchanged broken binary")
 		}
 	}
@@ -470,7 +471,7 @@ func TestAttackBrokenGorollingBinary(t *testing.T) {
 	replaceFile(t, gr, good)
 	from = len(p.entries())
 	p.signal(syscall.SIGHUP)
-	p.waitLog(60*time.Second, from, "the new master", isMsg("master upgrade: new master serving"))
+	p.waitLog(60*time.Second, from, "the new master", isEvent(events.MasterUpgradeServing))
 	l.requireNoFailures(t)
 }
 
@@ -490,7 +491,7 @@ func TestAttackNotifyFlood(t *testing.T) {
 	if slowest > time.Second {
 		t.Errorf("status took %s during a notify flood, want under 1s", slowest)
 	}
-	if n := p.count(isMsg("worker floods its notify socket; reading it more slowly")); n != 1 {
+	if n := p.count(isEvent(events.WorkerThrottled)); n != 1 {
 		t.Errorf("throttling logged %d times, want once", n)
 	}
 }
@@ -634,7 +635,7 @@ func TestRegistryCaps(t *testing.T) {
 	if r.OK != 256 || r.Errno != strconv.Itoa(int(syscall.EMFILE)) {
 		t.Errorf("one worker asked for 300 sockets: got %d, then %q (errno %s); want 256, then EMFILE", r.OK, r.Err, r.Errno)
 	}
-	if n := p.count(isMsg("listen refused: the worker holds too many sockets")); n != 1 {
+	if n := p.count(isEvent(events.ListenRefused)); n != 1 {
 		t.Errorf("per-worker cap logged %d times, want once", n)
 	}
 
@@ -644,7 +645,7 @@ func TestRegistryCaps(t *testing.T) {
 	if r.OK != 9 || r.Errno != strconv.Itoa(int(syscall.ENFILE)) || !strings.Contains(r.Err, "--max-sockets") {
 		t.Errorf("20 sockets past --max-sockets 10: got %d, then %q (errno %s); want 9, then ENFILE naming --max-sockets", r.OK, r.Err, r.Errno)
 	}
-	if n := p2.count(isMsg("listen refused: the master holds --max-sockets sockets")); n != 1 {
+	if n := p2.count(isEvent(events.ListenRefused)); n != 1 {
 		t.Errorf("registry cap logged %d times, want once", n)
 	}
 	if !alive(p2.workerPIDs(1)[1]) {

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // masterPIDs lists the live gorolling master processes started from dir
@@ -47,9 +49,9 @@ func masterUpgrade(t *testing.T, p *proc, pidFile string) int {
 		t.Fatalf("signal master %d: %v", old, err)
 	}
 	e, _ := p.waitLog(60*time.Second, from, "the new master", func(e entry) bool {
-		return e.msg() == "master upgrade: new master serving" || e.msg() == "master upgrade failed; this master keeps serving"
+		return e.event() == events.MasterUpgradeServing || e.event() == events.MasterUpgradeFailed
 	})
-	if e.msg() != "master upgrade: new master serving" {
+	if e.event() != events.MasterUpgradeServing {
 		t.Fatalf("master upgrade failed: %s", e.str("reason"))
 	}
 	newPID := e.num("pid")
@@ -132,7 +134,7 @@ func TestMasterUpgradeBrokenBinary(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "exited before it was ready") {
 		t.Fatalf("upgrade --master --wait with a broken binary: exit %d, %q", code, errOut)
 	}
-	e, _ := p.waitLog(10*time.Second, 0, "the failure", isMsg("master upgrade failed; this master keeps serving"))
+	e, _ := p.waitLog(10*time.Second, 0, "the failure", isEvent(events.MasterUpgradeFailed))
 	if e.level() != "error" {
 		t.Errorf("failure logged at %s", e.level())
 	}
@@ -147,7 +149,7 @@ func TestMasterUpgradeBrokenBinary(t *testing.T) {
 	// HUP upgrades the master because the binary changed on disk.
 	from := len(p.entries())
 	p.signal(syscall.SIGHUP)
-	p.waitLog(30*time.Second, from, "the new master", isMsg("master upgrade: new master serving"))
+	p.waitLog(30*time.Second, from, "the new master", isEvent(events.MasterUpgradeServing))
 	l.requireNoFailures(t)
 }
 
@@ -181,7 +183,7 @@ func TestUpgradeWait(t *testing.T) {
 	if code != 0 || !strings.Contains(out, "upgrade started") {
 		t.Fatalf("upgrade without --wait: %d %q", code, out)
 	}
-	p.waitLog(30*time.Second, 0, "generation 4", func(e entry) bool { return e.msg() == "upgrade finished" && e.num("generation") == 4 })
+	p.waitLog(30*time.Second, 0, "generation 4", func(e entry) bool { return e.event() == events.UpgradeFinished && e.num("generation") == 4 })
 }
 
 // TestControlSocketSecurity: the socket is 0600; another user cannot
@@ -221,7 +223,7 @@ func TestControlSocketSecurity(t *testing.T) {
 	if code == 0 || !strings.Contains(errOut, "permission denied") {
 		t.Fatalf("nobody controlled the master: exit %d %q", code, errOut)
 	}
-	e, _ := p.waitLog(5*time.Second, 0, "the refusal", isMsg("control connection refused: wrong user"))
+	e, _ := p.waitLog(5*time.Second, 0, "the refusal", isEvent(events.ControlRefused))
 	if e.num("uid") != 65534 {
 		t.Fatalf("refusal logged for uid %d", e.num("uid"))
 	}

@@ -10,6 +10,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // TestUpgradeUnderLoad: 32 non-retrying clients for at least 10 s while the
@@ -52,10 +54,10 @@ func upgradeUnderLoad(t *testing.T, keepAlive bool) {
 	l.requireNoFailures(t)
 	t.Logf("%d requests in %s", ok, time.Since(start).Round(time.Millisecond))
 
-	if n := p.count(isMsg("upgrade finished")); n != upgrades {
+	if n := p.count(isEvent(events.UpgradeFinished)); n != upgrades {
 		t.Errorf("%d upgrades finished, want %d", n, upgrades)
 	}
-	if n := p.count(isMsg("upgrade rolled back")); n != 0 {
+	if n := p.count(isEvent(events.UpgradeRolledBack)); n != 0 {
 		t.Errorf("%d upgrades rolled back", n)
 	}
 	last := upgrades + 1
@@ -129,9 +131,9 @@ func TestRollback(t *testing.T) {
 		from := len(p.entries())
 		p.signal(syscall.SIGHUP)
 		e, _ := p.waitLog(30*time.Second, from, "a rollback ("+tc.name+")", func(e entry) bool {
-			return e.msg() == "upgrade rolled back" || e.msg() == "upgrade finished"
+			return e.event() == events.UpgradeRolledBack || e.event() == events.UpgradeFinished
 		})
-		if e.msg() != "upgrade rolled back" {
+		if e.event() != events.UpgradeRolledBack {
 			t.Fatalf("%s: upgrade went through", tc.name)
 		}
 		if e.level() != "error" || !strings.Contains(e.str("reason"), tc.reason) {
@@ -168,10 +170,10 @@ func TestUpgradeRequestsCoalesce(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	p.waitLog(30*time.Second, 0, "generation 3 to take over", func(e entry) bool {
-		return e.msg() == "upgrade finished" && e.num("generation") == 3
+		return e.event() == events.UpgradeFinished && e.num("generation") == 3
 	})
 	time.Sleep(1500 * time.Millisecond)
-	if n := p.count(isMsg("upgrade started")); n != 2 {
+	if n := p.count(isEvent(events.UpgradeStarted)); n != 2 {
 		t.Fatalf("%d upgrades started for 5 quick HUPs, want 2", n)
 	}
 }
@@ -187,7 +189,7 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 
 	var victim, slot int
 	for _, e := range p.entries() {
-		if e.msg() == "worker online" && e.num("generation") == 1 && e.num("slot") == 2 {
+		if e.event() == events.WorkerOnline && e.num("generation") == 1 && e.num("slot") == 2 {
 			victim, slot = e.num("pid"), 2
 		}
 	}
@@ -196,7 +198,7 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	e, _ := p.waitLog(10*time.Second, from, "the slot's replacement", func(e entry) bool {
-		return e.msg() == "worker ready" && e.num("slot") == slot && e.num("generation") == 1 && e.num("pid") != victim
+		return e.event() == events.WorkerReady && e.num("slot") == slot && e.num("generation") == 1 && e.num("pid") != victim
 	})
 	time.Sleep(time.Second)
 	l.halt()
@@ -257,7 +259,7 @@ func TestStopSignals(t *testing.T) {
 				t.Errorf("unix socket file still there after stop (stat: %v)", err)
 			}
 			for _, e := range p.entries() {
-				if e.msg() == "worker exited" && e.str("status") != "exit status 0" {
+				if e.event() == events.WorkerExited && e.str("status") != "exit status 0" {
 					t.Errorf("worker %d ended with %s, want a clean drain", e.num("pid"), e.str("status"))
 				}
 			}
@@ -323,7 +325,7 @@ func TestReusePortMode(t *testing.T) {
 	// Each slot's member socket is handed over, one per slot.
 	members := map[string]bool{}
 	for _, e := range p.entries() {
-		if e.msg() == "listener handed over" {
+		if e.event() == events.ListenerHandedOver {
 			members[e.str("key")] = true
 		}
 	}
@@ -335,7 +337,7 @@ func TestReusePortMode(t *testing.T) {
 	l := startLoad(t, addr, 16, false)
 	time.Sleep(1500 * time.Millisecond)
 	l.halt()
-	gen := p.count(isMsg("upgrade finished")) + 1
+	gen := p.count(isEvent(events.UpgradeFinished)) + 1
 	total := 0
 	for _, n := range l.byPid {
 		total += n

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"syscall"
 	"time"
 
 	"github.com/gorolling/gorolling/handoff"
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // GenState is where a generation is in its life.
@@ -41,15 +41,7 @@ func (s GenState) String() string {
 	return "unknown"
 }
 
-// Respawn backoff (per slot): 100 ms doubling to 30 s, back to the start
-// once a worker has lived a minute.
-const (
-	backoffMin     = 100 * time.Millisecond
-	backoffMax     = 30 * time.Second
-	healthyRuntime = time.Minute
-)
-
-// ErrStopped is returned by waits on a generation that was stopped.
+// ErrStopped is returned by waits on a generation that was drained.
 var ErrStopped = errors.New("master: generation stopped")
 
 // Generation is one set of N workers started from one program file. Its
@@ -70,43 +62,26 @@ type Generation struct {
 	drained chan struct{}
 }
 
+// slot is one position of a generation. Its worker is replaced when it
+// crashes (serving generations only); the slot number is the worker's
+// GOROLLING_SLOT, reused by the next generation.
 type slot struct {
 	index     int
-	w         *Worker
-	delay     time.Duration
-	timer     *time.Timer
+	w         *Worker // the current worker, or the last one while a respawn waits
+	backoff   backoff
+	timer     timer
 	restarts  int
 	everReady bool
-	failedAt  time.Time // exited before it was ever ready
+	failedAt  time.Time // its first worker exited before it was ever ready
 	lastExit  string
 }
 
-// State returns the generation's state.
-func (g *Generation) State() GenState {
-	g.m.mu.Lock()
-	defer g.m.mu.Unlock()
-	return g.state
-}
-
-// Workers returns the generation's current worker in each slot (nil for a
-// slot waiting for a respawn).
-func (g *Generation) Workers() []*Worker {
-	g.m.mu.Lock()
-	defer g.m.mu.Unlock()
-	out := make([]*Worker, len(g.slots))
-	for i, s := range g.slots {
-		if s.w != nil && s.w.state != WorkerExited {
-			out[i] = s.w
-		}
-	}
-	return out
-}
-
-// StartGeneration spawns a new generation of n workers from the program at
-// path. With serving true it becomes the serving generation at once (the
-// first generation: crashes are respawned); otherwise it is starting until
-// Promote. If a worker cannot be spawned it returns the generation (so the
-// caller can stop the workers that did start) and the error.
+// StartGeneration spawns a new generation of workers from the program at
+// path (as many as the master's current size). With serving true it
+// becomes the serving generation at once (the first generation: crashes
+// are respawned); otherwise it is starting until Promote. If a worker
+// cannot be spawned it returns the generation (so the caller can drain the
+// workers that did start) and the error.
 func (m *Master) StartGeneration(path string, serving bool) (*Generation, error) {
 	m.mu.Lock()
 	if m.stopping {
@@ -117,13 +92,12 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 	g := &Generation{
 		Num:     m.lastGen,
 		Path:    path,
-		Started: time.Now(),
+		Started: m.cfg.clock.Now(),
 		m:       m,
 		state:   GenStarting,
 		drained: make(chan struct{}),
 	}
-	n := m.workers
-	for i := 0; i < n; i++ {
+	for i := 0; i < m.workers; i++ {
 		g.slots = append(g.slots, &slot{index: i})
 	}
 	if serving {
@@ -131,11 +105,11 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 		m.serving = g
 	}
 	m.gens = append(m.gens, g)
+	slots := append([]*slot(nil), g.slots...)
 	m.mu.Unlock()
-	m.log.Info("generation starting", "generation", g.Num, "program", path, "workers", n)
-
-	for i := 0; i < n; i++ {
-		if err := m.startSlot(g, g.slots[i]); err != nil {
+	m.log.Info("generation starting", events.Key, events.GenerationStarting, "generation", g.Num, "program", path, "workers", len(slots))
+	for _, s := range slots {
+		if err := m.startSlot(g, s); err != nil {
 			m.mu.Lock()
 			if g.failure == nil {
 				g.failure = err
@@ -155,7 +129,7 @@ func (m *Master) startSlot(g *Generation, s *slot) error {
 		m.mu.Unlock()
 		return nil
 	}
-	g.live++ // counted before the fork so a drain waits for it
+	g.live++ // counted before the fork, so that a drain waits for it
 	m.mu.Unlock()
 	w, err := m.spawn(g, s.index)
 	m.mu.Lock()
@@ -167,9 +141,7 @@ func (m *Master) startSlot(g *Generation, s *slot) error {
 	}
 	s.w = w
 	if g.state >= GenDraining {
-		// A drain began while we forked: this worker drains at once.
-		w.state = WorkerDraining
-		go m.drainWorker(w)
+		m.drainLocked(w) // a drain began while we forked
 	}
 	m.notifyLocked()
 	return nil
@@ -183,23 +155,24 @@ func (m *Master) workerReady(w *Worker, via string) {
 		return
 	}
 	w.state = WorkerReady
-	w.readyAt = time.Now()
+	w.readyAt = m.cfg.clock.Now()
 	for _, s := range w.gen.slots {
 		if s.w == w {
 			s.everReady = true
 		}
 	}
-	w.log.Info("worker ready", "duration", w.readyAt.Sub(w.spawnedAt), "via", via)
+	w.log.Info("worker ready", events.Key, events.WorkerReady, "duration", w.readyAt.Sub(w.spawnedAt), "via", via)
 	m.notifyLocked()
 }
 
-// workerExited records a reaped worker and applies the generation's policy.
-func (m *Master) workerExited(w *Worker, desc string, code int) {
+// workerExited records a reaped worker and applies its generation's
+// policy: nothing while draining, a failed start while starting, a respawn
+// with backoff while serving.
+func (m *Master) workerExited(w *Worker, desc string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	prev := w.state
 	w.state = WorkerExited
-	w.exitDesc, w.exitCode = desc, code
 	close(w.done)
 	g := w.gen
 	g.live--
@@ -209,37 +182,35 @@ func (m *Master) workerExited(w *Worker, desc string, code int) {
 			s = sl
 		}
 	}
-	uptime := time.Since(w.spawnedAt)
+	uptime := m.cfg.clock.Now().Sub(w.spawnedAt)
 	switch {
-	case prev == WorkerDraining || g.state >= GenDraining || m.stopping:
-		w.log.Info("worker exited", "status", desc, "uptime", uptime.Round(time.Millisecond))
+	case prev == WorkerDraining || g.state >= GenDraining || m.stopping || s == nil:
+		w.log.Info("worker exited", events.Key, events.WorkerExited, "status", desc, "uptime", uptime.Round(time.Millisecond))
 	case g.state == GenStarting:
-		w.log.Error("worker exited before its generation took over", "status", desc)
+		w.log.Error("worker exited before its generation took over", events.Key, events.WorkerExited, "status", desc)
 		if g.failure == nil {
 			g.failure = fmt.Errorf("worker slot %d (pid %d) %s before the generation was ready", w.Slot, w.pid, desc)
 		}
-	default: // serving: respawn in the same slot with backoff
-		if s != nil {
-			if prev == WorkerStarting && !s.everReady && s.failedAt.IsZero() {
-				s.failedAt = time.Now()
-			}
-			s.lastExit = desc
-			if uptime >= healthyRuntime || s.delay == 0 {
-				s.delay = backoffMin
-			} else {
-				s.delay = min(2*s.delay, backoffMax)
-			}
-			w.log.Warn("worker exited unexpectedly; respawning", "status", desc, "uptime", uptime.Round(time.Millisecond), "backoff", s.delay)
-			sl := s
-			s.timer = time.AfterFunc(s.delay, func() { m.respawn(g, sl) })
+	default:
+		if prev == WorkerStarting && !s.everReady && s.failedAt.IsZero() {
+			s.failedAt = m.cfg.clock.Now()
 		}
+		s.lastExit = desc
+		d := s.backoff.next(uptime)
+		w.log.Warn("worker exited unexpectedly; respawning", events.Key, events.WorkerRespawning, "status", desc, "uptime", uptime.Round(time.Millisecond), "backoff", d)
+		m.scheduleRespawnLocked(g, s, d)
 	}
 	m.notifyLocked()
 }
 
+// scheduleRespawnLocked starts s's next worker after d.
+func (m *Master) scheduleRespawnLocked(g *Generation, s *slot, d time.Duration) {
+	s.timer = m.cfg.clock.AfterFunc(d, func() { m.respawn(g, s) })
+}
+
 func (m *Master) respawn(g *Generation, s *slot) {
 	m.mu.Lock()
-	if g.state != GenServing || m.stopping {
+	if g.state != GenServing || m.stopping || !g.hasSlotLocked(s) {
 		m.mu.Unlock()
 		return
 	}
@@ -247,27 +218,30 @@ func (m *Master) respawn(g *Generation, s *slot) {
 	s.restarts++
 	m.mu.Unlock()
 	if err := m.startSlot(g, s); err != nil {
-		m.log.Error("respawn failed", "generation", g.Num, "slot", s.index, "error", err)
 		m.mu.Lock()
+		defer m.mu.Unlock()
+		d := s.backoff.next(0)
+		m.log.Error("respawn failed; trying again", "generation", g.Num, "slot", s.index, "error", err, "backoff", d)
 		if g.state == GenServing && !m.stopping {
-			s.delay = min(2*max(s.delay, backoffMin), backoffMax)
-			s.timer = time.AfterFunc(s.delay, func() { m.respawn(g, s) })
+			m.scheduleRespawnLocked(g, s, d)
 		}
-		m.mu.Unlock()
-		return
 	}
-	m.mu.Lock()
-	if s.w != nil {
-		s.w.log.Info("worker respawned", "restarts", s.restarts)
+}
+
+func (g *Generation) hasSlotLocked(s *slot) bool {
+	for _, x := range g.slots {
+		if x == s {
+			return true
+		}
 	}
-	m.mu.Unlock()
+	return false
 }
 
 // WaitReady blocks until every slot of g has a ready worker (nil), a worker
-// of a starting generation exits (that failure), g is drained or stopped
-// (ErrStopped), or ctx ends (ctx's error, with how many were ready).
+// of a starting generation exits (that failure), g is drained (ErrStopped),
+// or ctx ends (an error wrapping ctx's, with how many were ready).
 func (g *Generation) WaitReady(ctx context.Context) error {
-	return g.m.waitFor(ctx, func() (bool, error) {
+	return g.m.waitFor(ctx.Done(), func() (bool, error) {
 		if g.failure != nil {
 			return true, g.failure
 		}
@@ -285,7 +259,7 @@ func (g *Generation) WaitReady(ctx context.Context) error {
 // at least one worker ready; an error if ctx ends with none ready, or if
 // every slot's first worker exited before any worker became ready.
 func (g *Generation) WaitFirst(ctx context.Context) error {
-	return g.m.waitFor(ctx, func() (bool, error) {
+	return g.m.waitFor(ctx.Done(), func() (bool, error) {
 		if g.failure != nil {
 			return true, g.failure
 		}
@@ -329,35 +303,27 @@ func (g *Generation) readyLocked() int {
 }
 
 // ReadyTiming reports, for a generation whose workers are all ready, the
-// longest time one worker took from fork to ready, and when the last one
-// became ready.
-func (g *Generation) ReadyTiming() (slowest time.Duration, last time.Time) {
+// longest time one worker took from fork to ready.
+func (g *Generation) ReadyTiming() time.Duration {
 	g.m.mu.Lock()
 	defer g.m.mu.Unlock()
+	var slowest time.Duration
 	for _, s := range g.slots {
-		if s.w == nil || s.w.readyAt.IsZero() {
-			continue
-		}
-		if d := s.w.readyAt.Sub(s.w.spawnedAt); d > slowest {
-			slowest = d
-		}
-		if s.w.readyAt.After(last) {
-			last = s.w.readyAt
+		if s.w != nil && !s.w.readyAt.IsZero() {
+			slowest = max(slowest, s.w.readyAt.Sub(s.w.spawnedAt))
 		}
 	}
-	return slowest, last
+	return slowest
 }
 
 // Drain stops g: every worker gets a "drain" message and the stop signal,
-// then has until timeout to exit; what is left is SIGKILLed. Drain blocks
+// then has the drain timeout to exit before it is SIGKILLed. Drain blocks
 // until every worker of g has been reaped, then closes the sockets no live
-// worker holds. It may be called more than once and concurrently; a shorter
-// timeout from a later call wins.
-func (g *Generation) Drain(timeout time.Duration) {
+// worker holds. It is idempotent and may be called concurrently.
+func (g *Generation) Drain() {
 	m := g.m
 	m.mu.Lock()
-	first := g.state < GenDraining
-	if first {
+	if g.state < GenDraining {
 		if m.serving == g {
 			m.serving = nil
 		}
@@ -367,35 +333,15 @@ func (g *Generation) Drain(timeout time.Duration) {
 				s.timer.Stop()
 				s.timer = nil
 			}
-			if s.w != nil && s.w.state != WorkerExited {
-				if s.w.state != WorkerDraining {
-					s.w.state = WorkerDraining
-					go m.drainWorker(s.w)
-				}
+			if s.w != nil {
+				m.drainLocked(s.w)
 			}
 		}
-		m.log.Info("generation draining", "generation", g.Num, "workers", g.live, "timeout", timeout)
+		m.log.Info("generation draining", events.Key, events.GenerationDraining, "generation", g.Num, "workers", g.live, "timeout", m.cfg.DrainTimeout)
 		m.notifyLocked()
 	}
 	m.mu.Unlock()
-
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
-	err := m.waitFor(ctx, func() (bool, error) { return g.live == 0, nil }, nil)
-	cancel()
-	if err != nil {
-		m.mu.Lock()
-		n := 0
-		for _, s := range g.slots {
-			if s.w != nil && s.w.state != WorkerExited {
-				s.w.log.Warn("worker still running after the drain timeout; killing it")
-				s.w.signal(syscall.SIGKILL)
-				n++
-			}
-		}
-		m.mu.Unlock()
-		_ = m.waitFor(context.Background(), func() (bool, error) { return g.live == 0, nil }, nil)
-	}
-
+	_ = m.waitFor(nil, func() (bool, error) { return g.live == 0, nil }, nil)
 	m.mu.Lock()
 	if g.state != GenStopped {
 		g.state = GenStopped
@@ -406,39 +352,12 @@ func (g *Generation) Drain(timeout time.Duration) {
 			}
 		}
 		close(g.drained)
-		m.log.Info("generation stopped", "generation", g.Num, "duration", time.Since(g.Started).Round(time.Millisecond))
+		m.log.Info("generation stopped", events.Key, events.GenerationStopped, "generation", g.Num, "duration", m.cfg.clock.Now().Sub(g.Started).Round(time.Millisecond))
 		m.notifyLocked()
 	}
 	m.mu.Unlock()
 	<-g.drained
 	m.collect()
-}
-
-// drainWorker tells one worker to drain: the drain message first, then the
-// stop signal.
-func (m *Master) drainWorker(w *Worker) {
-	w.log.Info("worker draining")
-	err := w.conn.Send(&handoff.Message{
-		V: handoff.Version, Type: handoff.TypeDrain,
-		TimeoutMS: m.cfg.DrainTimeout.Milliseconds(),
-	})
-	if err != nil {
-		w.log.Debug("drain message not delivered", "error", err)
-	}
-	m.mu.Lock()
-	w.signal(m.cfg.StopSignal)
-	m.mu.Unlock()
-}
-
-// Kill SIGKILLs every worker of g now. Drain still does the reaping.
-func (g *Generation) Kill() {
-	g.m.mu.Lock()
-	defer g.m.mu.Unlock()
-	for _, s := range g.slots {
-		if s.w != nil {
-			s.w.signal(syscall.SIGKILL)
-		}
-	}
 }
 
 // collect closes registry sockets that no live worker holds. It holds the
@@ -448,6 +367,13 @@ func (g *Generation) Kill() {
 func (m *Master) collect() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// Stop leaves the sockets to the registry's owner. With no generation
+	// serving (a first generation that failed, a successor master not yet
+	// in charge) there is nobody to collect for, and a successor shares
+	// every socket with the master that still serves.
+	if m.stopping || m.serving == nil {
+		return
+	}
 	inUse := make(map[handoff.Key]bool)
 	for _, g := range m.gens {
 		// The last worker of each slot counts even if it has exited: a
@@ -460,19 +386,12 @@ func (m *Master) collect() {
 			}
 		}
 	}
-	// Stop closes everything itself. With no generation serving (a first
-	// generation that failed, a successor master not yet in charge) there
-	// is nobody to collect for, and a successor shares every socket with
-	// the master that still serves.
-	if m.stopping || m.serving == nil || (m.successor && !m.tookOver) {
-		return
-	}
 	for _, s := range m.reg.Collect(func(k handoff.Key) bool { return inUse[k] }) {
-		m.log.Info("listener closed: no live worker holds it", "key", s.Key.String(), "addr", s.Addr)
+		m.log.Info("listener closed: no live worker holds it", events.Key, events.ListenerClosed, "key", s.Key.String(), "addr", s.Addr)
 	}
 }
 
-// maxWorkers bounds Scale.
+// maxWorkers bounds the number of workers per generation.
 const maxWorkers = 1024
 
 // Size returns the number of workers per generation.
@@ -520,18 +439,8 @@ func (m *Master) Scale(n int) error {
 				s.timer.Stop()
 				s.timer = nil
 			}
-			if w := s.w; w != nil && w.state != WorkerExited && w.state != WorkerDraining {
-				w.state = WorkerDraining
-				go m.drainWorker(w)
-				go func() {
-					select {
-					case <-w.done:
-					case <-time.After(m.cfg.DrainTimeout):
-						m.mu.Lock()
-						w.signal(syscall.SIGKILL)
-						m.mu.Unlock()
-					}
-				}()
+			if s.w != nil {
+				m.drainLocked(s.w)
 			}
 		}
 		g.slots = g.slots[:n]
@@ -547,11 +456,10 @@ func (m *Master) Scale(n int) error {
 	}
 	for _, s := range add {
 		if err := m.startSlot(g, s); err != nil {
-			m.log.Error("spawn for scale-up failed; retrying with backoff", "slot", s.index, "error", err)
 			m.mu.Lock()
-			s.delay = backoffMin
-			sl := s
-			s.timer = time.AfterFunc(s.delay, func() { m.respawn(g, sl) })
+			d := s.backoff.next(0)
+			m.log.Error("spawn for scale-up failed; trying again", "slot", s.index, "error", err, "backoff", d)
+			m.scheduleRespawnLocked(g, s, d)
 			m.mu.Unlock()
 		}
 	}

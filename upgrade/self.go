@@ -5,19 +5,20 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/cloudflare/tableflip"
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/gorolling/gorolling/handoff"
-	"github.com/gorolling/gorolling/master"
+	"github.com/gorolling/gorolling/master/control"
+	"github.com/gorolling/gorolling/master/procfs"
+	"github.com/gorolling/gorolling/master/registry"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -49,17 +50,24 @@ type SelfConfig struct {
 
 // Self re-execs the master itself with cloudflare/tableflip: the new master
 // starts from the gorolling binary on disk, receives the registry (every
-// socket with its key, port-0 assignments, pre-opened and inherited sockets,
-// unix socket ownership) over a private socketpair, starts its own
-// generation, and says ready; the old master then drains its own workers
-// (only it can reap them) and exits. Only one Self may exist per process.
+// socket with its key, port-0 assignments, pre-opened and inherited
+// sockets, unix socket ownership), the control socket and the service's
+// counters, starts its own generation, and says ready; the old master then
+// drains its own workers (only it can reap them) and exits. Only one Self
+// may exist per process. A nil *Self is a master that cannot re-exec: its
+// methods do nothing.
 type Self struct {
 	upg       *tableflip.Upgrader
 	log       hclog.Logger
-	notify    string // systemd's NOTIFY_SOCKET, kept for the whole life
 	exe       unix.Stat_t
 	exeOK     bool
 	parentPID int
+
+	reg *registry.Registry // what a successor gets (Attach)
+	ctl *control.Server
+
+	serviceStarted time.Time
+	masterUpgrades int
 
 	// rendezvous is the end of the state socketpair this master keeps; the
 	// other end sits in tableflip's inventory for every successor. Made on
@@ -69,6 +77,29 @@ type Self struct {
 
 	mu         sync.Mutex
 	parentGone bool
+}
+
+// bundleState is the state a master hands to its successor besides the
+// sockets. Its JSON is part of the self-upgrade protocol: a newer master
+// reads what an older one wrote (the registry's fields sit at the top
+// level, and the control socket travels in its socket list).
+type bundleState struct {
+	LastGeneration int       `json:"last_generation"`
+	LastWorkerID   int       `json:"last_worker_id"`
+	ServiceStarted time.Time `json:"service_started"`
+	MasterUpgrades int       `json:"master_upgrades"`
+	registry.State
+}
+
+// Inheritance is what a predecessor master handed over.
+type Inheritance struct {
+	// Registry and FDs are the sockets for registry.Restore.
+	Registry registry.State
+	FDs      []int
+	// ControlFD is the control socket, or -1.
+	ControlFD int
+	// LastGeneration and LastWorkerID continue the numbering.
+	LastGeneration, LastWorkerID int
 }
 
 // NewSelf creates the process's tableflip upgrader. Call it before
@@ -86,7 +117,7 @@ func NewSelf(cfg SelfConfig) (*Self, error) {
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
-	s := &Self{upg: upg, log: cfg.Logger, notify: os.Getenv("NOTIFY_SOCKET"), parentPID: os.Getppid()}
+	s := &Self{upg: upg, log: cfg.Logger, parentPID: os.Getppid(), serviceStarted: time.Now()}
 	if unix.Stat("/proc/self/exe", &s.exe) == nil {
 		s.exeOK = true
 	}
@@ -97,11 +128,35 @@ func NewSelf(cfg SelfConfig) (*Self, error) {
 }
 
 // HasParent reports whether this master replaces a previous one.
-func (s *Self) HasParent() bool { return s.upg.HasParent() }
+func (s *Self) HasParent() bool { return s != nil && s.upg.HasParent() }
+
+// Attach names what a successor gets: the registry's sockets and the
+// control socket (which may be nil).
+func (s *Self) Attach(reg *registry.Registry, ctl *control.Server) {
+	if s != nil {
+		s.reg, s.ctl = reg, ctl
+	}
+}
+
+// ServiceStarted is when the first master of this service started.
+func (s *Self) ServiceStarted() time.Time {
+	if s == nil {
+		return time.Time{}
+	}
+	return s.serviceStarted
+}
+
+// MasterUpgrades counts the master upgrades since the service started.
+func (s *Self) MasterUpgrades() int {
+	if s == nil {
+		return 0
+	}
+	return s.masterUpgrades
+}
 
 // Inherited reads the state and sockets the previous master handed over,
 // and tells it this master's pid. Only for a master with a parent.
-func (s *Self) Inherited() (*master.Restore, error) {
+func (s *Self) Inherited() (*Inheritance, error) {
 	f, err := s.upg.Fds.File(stateFile)
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: inherited state: %w", err)
@@ -114,19 +169,29 @@ func (s *Self) Inherited() (*master.Restore, error) {
 	if err != nil {
 		return nil, err
 	}
-	var rs master.Restore
-	fds, reply, err := handoff.ReceiveBundle(fd, &rs.State)
+	var st bundleState
+	fds, reply, err := handoff.ReceiveBundle(fd, &st)
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: inherited state: %w", err)
 	}
-	rs.FDs = fds
 	// Tell the old master who we are; it logs it and reports it.
 	b, _ := json.Marshal(map[string]int{"pid": os.Getpid()})
 	_ = handoff.Reply(reply, b)
 	if reply != fd {
 		unix.Close(reply)
 	}
-	return &rs, nil
+	in := &Inheritance{ControlFD: -1, LastGeneration: st.LastGeneration, LastWorkerID: st.LastWorkerID}
+	for i, ss := range st.Sockets {
+		if ss.Control {
+			in.ControlFD = fds[i]
+			continue
+		}
+		in.Registry.Sockets = append(in.Registry.Sockets, ss)
+		in.FDs = append(in.FDs, fds[i])
+	}
+	in.Registry.Ports = st.Ports
+	s.serviceStarted, s.masterUpgrades = st.ServiceStarted, st.MasterUpgrades+1
+	return in, nil
 }
 
 // ready finishes a start: tableflip writes the PID file and releases the
@@ -135,26 +200,31 @@ func (s *Self) Inherited() (*master.Restore, error) {
 // master announces its successor (MAINPID= and READY=1) once this one is
 // ready.
 func (s *Self) ready() error {
+	if s == nil {
+		return nil
+	}
 	if err := s.upg.Ready(); err != nil {
 		return err
 	}
 	if !s.HasParent() {
-		s.sdNotify("READY=1\nSTATUS=serving")
-	} else {
-		go func() {
-			err := s.upg.WaitForParent(context.Background())
-			s.mu.Lock()
-			s.parentGone = true
-			s.mu.Unlock()
-			if err != nil {
-				s.log.Warn("previous master exited uncleanly", "pid", s.parentPID, "error", err)
-			} else {
-				s.log.Info("previous master exited", "pid", s.parentPID)
-			}
-		}()
+		s.notify("READY=1\nSTATUS=serving")
+		return nil
 	}
+	go func() {
+		err := s.upg.WaitForParent(context.Background())
+		s.mu.Lock()
+		s.parentGone = true
+		s.mu.Unlock()
+		if err != nil {
+			s.log.Warn("previous master exited uncleanly", "pid", s.parentPID, "error", err)
+		} else {
+			s.log.Info("previous master exited", "pid", s.parentPID)
+		}
+	}()
 	return nil
 }
+
+func (s *Self) pid() int { return os.Getpid() }
 
 // waitingForParent reports whether the previous master is still draining.
 func (s *Self) waitingForParent() bool {
@@ -192,26 +262,22 @@ func (s *Self) onDisk() (binaryID, bool) {
 // would start (os.Args[0], as tableflip resolves it) is another file than
 // the one this master runs.
 func (s *Self) BinaryChanged() bool {
-	if !s.exeOK {
+	if s == nil || !s.exeOK {
 		return false
 	}
-	p, err := exec.LookPath(os.Args[0])
-	if err != nil {
-		return false
-	}
-	var st unix.Stat_t
-	if unix.Stat(p, &st) != nil {
-		return false
-	}
-	return st.Dev != s.exe.Dev || st.Ino != s.exe.Ino
+	id, ok := s.onDisk()
+	return ok && (id.dev != s.exe.Dev || id.ino != s.exe.Ino)
 }
 
-// upgrade starts a new master with m's state and waits until it is ready
-// (its generation serves) or has failed. It returns the new master's pid.
-func (s *Self) upgrade(m *master.Master) (int, error) {
+// upgrade starts a new master, streams it this master's state (with the
+// counters lastGen and lastID) and waits until it is ready (its generation
+// serves) or has failed. It returns the new master's pid. note reports
+// what it waits for.
+func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
 	if s.waitingForParent() {
-		if !master.ProcessRunning(s.parentPID) {
+		if !procfs.Running(s.parentPID) {
 			// It has exited; tableflip learns so from a pipe, a moment later.
+			note(fmt.Sprintf("waiting for tableflip to see the previous master (pid %d) exit", s.parentPID))
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			if err := s.upg.WaitForParent(ctx); !errors.Is(err, context.DeadlineExceeded) {
 				s.mu.Lock()
@@ -257,7 +323,7 @@ func (s *Self) upgrade(m *master.Master) (int, error) {
 		return 0, err
 	}
 	defer unix.Close(stream)
-	st, fds, err := m.ExportState()
+	st, fds, err := s.export(lastGen, lastID)
 	if err != nil {
 		return 0, err
 	}
@@ -270,6 +336,7 @@ func (s *Self) upgrade(m *master.Master) (int, error) {
 	// Start the new master first, then stream the state while it reads: a
 	// bundle queued before it runs could fill the socket buffer and block
 	// this master (and every later upgrade, and the stop) for good.
+	note("starting a new master")
 	upgraded := make(chan error, 1)
 	go func() { upgraded <- s.upg.Upgrade() }()
 	abort := make(chan struct{})
@@ -302,6 +369,33 @@ func (s *Self) upgrade(m *master.Master) (int, error) {
 	return pid, nil
 }
 
+// export collects what a successor gets, with duplicates of the sockets'
+// descriptors, which the caller closes.
+func (s *Self) export(lastGen, lastID int) (bundleState, []int, error) {
+	st := bundleState{LastGeneration: lastGen, LastWorkerID: lastID, ServiceStarted: s.serviceStarted, MasterUpgrades: s.masterUpgrades}
+	if s.reg == nil {
+		return st, nil, errors.New("upgrade: nothing to hand over (no registry attached)")
+	}
+	var fds []int
+	var err error
+	if st.State, fds, err = s.reg.Export(); err != nil {
+		return st, nil, err
+	}
+	if s.ctl != nil {
+		d, err := s.ctl.Dup()
+		if err != nil {
+			for _, fd := range fds {
+				unix.Close(fd)
+			}
+			return st, nil, fmt.Errorf("upgrade: pass the control socket: %w", err)
+		}
+		p := s.ctl.Path()
+		st.Sockets = append(st.Sockets, registry.SocketState{Network: "unix", Addr: p, Path: p, Control: true, PreopenIndex: -1})
+		fds = append(fds, d)
+	}
+	return st, fds, nil
+}
+
 func rawFD(f *os.File) (int, error) {
 	rc, err := f.SyscallConn()
 	if err != nil {
@@ -330,25 +424,16 @@ func explainTableflip(err error) error {
 }
 
 // Notify sends state (e.g. "STOPPING=1") to systemd's notify socket, if the
-// master was started with one. It never fails: problems are logged.
-func (s *Self) Notify(state string) { s.sdNotify(state) }
+// master was started with one. Problems are logged, never returned.
+func (s *Self) Notify(state string) { s.notify(state) }
 
-// sdNotify sends state to systemd's notify socket, if the master has one.
-func (s *Self) sdNotify(state string) {
-	if s == nil || s.notify == "" {
+func (s *Self) notify(state string) {
+	if s == nil {
 		return
 	}
-	path := s.notify
-	if strings.HasPrefix(path, "@") {
-		path = "\x00" + path[1:]
-	}
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		s.log.Warn("sd_notify failed", "error", err)
-		return
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte(state)); err != nil && !errors.Is(err, syscall.ECONNREFUSED) {
+	// NOTIFY_SOCKET stays in this process's environment: the successor
+	// tableflip starts must inherit it to speak to systemd in turn.
+	if _, err := daemon.SdNotify(false, state); err != nil {
 		s.log.Warn("sd_notify failed", "error", err)
 	}
 }

@@ -1,23 +1,20 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"net"
-	"os"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
 
-	"github.com/gorolling/gorolling/master"
+	"github.com/gorolling/gorolling/master/control"
+	"github.com/gorolling/gorolling/master/notify"
+	"github.com/gorolling/gorolling/master/procfs"
 	"github.com/spf13/pflag"
-	"golang.org/x/sys/unix"
 )
 
 // clientFlags are the flags every control command takes.
@@ -31,87 +28,10 @@ func (c *clientFlags) add(fs *pflag.FlagSet) {
 	fs.StringVar(&c.control, "control", "", "the control socket's path (overrides --name)")
 }
 
-// socket finds the master's control socket: --control, --name, or the only
-// socket in the default directory.
+// socket finds the master's control socket: --control, --name, or the
+// only socket in the default directory.
 func (c *clientFlags) socket() (string, error) {
-	if c.control != "" {
-		return c.control, nil
-	}
-	if c.name != "" {
-		return master.DefaultControlPath(c.name), nil
-	}
-	dir := master.DefaultControlDir()
-	matches, _ := filepath.Glob(filepath.Join(dir, "*.sock"))
-	switch len(matches) {
-	case 0:
-		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", dir)
-	case 1:
-		return matches[0], nil
-	}
-	var names []string
-	for _, m := range matches {
-		names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
-	}
-	return "", fmt.Errorf("several masters run (%s): pick one with --name", strings.Join(names, ", "))
-}
-
-// call sends one request and returns the answer. wait bounds the whole
-// exchange.
-func call(path string, req master.ControlRequest, wait time.Duration) (*master.ControlResponse, error) {
-	conn, err := net.DialTimeout("unix", path, 5*time.Second)
-	if err != nil {
-		return nil, fmt.Errorf("connect to the master at %s: %w", path, err)
-	}
-	defer conn.Close()
-	// Believe only a master run by root or by this user: anyone who could
-	// put a socket at the path (a directory they own) could otherwise
-	// answer with whatever they like.
-	if uid, err := serverUID(conn.(*net.UnixConn)); err != nil {
-		return nil, fmt.Errorf("check who serves %s: %w", path, err)
-	} else if uid != 0 && uid != os.Geteuid() {
-		return nil, fmt.Errorf("the control socket %s is served by uid %d, not by root or by you (uid %d): not talking to it", path, uid, os.Geteuid())
-	}
-	conn.SetDeadline(time.Now().Add(wait))
-	b, _ := json.Marshal(req)
-	_, werr := conn.Write(append(b, '\n'))
-	// Read the answer even if the write failed: a master that refuses the
-	// connection answers and closes at once.
-	line, err := bufio.NewReader(conn).ReadBytes('\n')
-	if werr != nil && len(line) == 0 {
-		return nil, fmt.Errorf("send to the master: %w", werr)
-	}
-	if err != nil {
-		if errors.Is(err, io.EOF) && len(line) == 0 {
-			return nil, errors.New("the master closed the connection without answering")
-		}
-		if len(line) == 0 {
-			return nil, fmt.Errorf("read the master's answer: %w", err)
-		}
-	}
-	var resp master.ControlResponse
-	if err := json.Unmarshal(line, &resp); err != nil {
-		return nil, fmt.Errorf("bad answer from the master: %w", err)
-	}
-	return &resp, nil
-}
-
-// serverUID returns the uid of the process that created the socket conn is
-// connected to (SO_PEERCRED).
-func serverUID(conn *net.UnixConn) (int, error) {
-	rc, err := conn.SyscallConn()
-	if err != nil {
-		return -1, err
-	}
-	uid, cerr := -1, error(nil)
-	if err := rc.Control(func(fd uintptr) {
-		var cred *unix.Ucred
-		if cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); cerr == nil {
-			uid = int(cred.Uid)
-		}
-	}); err != nil {
-		return -1, err
-	}
-	return uid, cerr
+	return control.Find(c.control, c.name)
 }
 
 // parseClient parses a control command's flags; it returns a non-negative
@@ -151,7 +71,7 @@ func runStatus(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gorolling status: %v\n", err)
 		return 1
 	}
-	resp, err := call(path, master.ControlRequest{Cmd: "status"}, 10*time.Second)
+	resp, err := control.Call(path, control.Request{Cmd: "status"}, 10*time.Second)
 	if err == nil && !resp.OK {
 		err = errors.New(resp.Error)
 	}
@@ -180,7 +100,7 @@ func dur(sec float64) string {
 	return d.Round(time.Minute).String()
 }
 
-func printStatus(w io.Writer, st *master.Status) {
+func printStatus(w io.Writer, st *control.Status) {
 	fmt.Fprintf(w, "master     pid %d, up %s, version %s\n", st.PID, dur(st.UptimeSec), st.Version)
 	fmt.Fprintf(w, "program    %s\n", st.Program)
 	serving := "none"
@@ -194,7 +114,7 @@ func printStatus(w io.Writer, st *master.Status) {
 	}
 	fmt.Fprintf(w, "upgrade    %s\n", up)
 	if f := st.MasterUpgradeFailure; f != nil {
-		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), master.Printable(f.Error, 1024))
+		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), notify.Printable(f.Error, 1024))
 	}
 	if st.MasterUpgrades > 0 {
 		fmt.Fprintf(w, "service    up since %s, %d master upgrades\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades)
@@ -207,13 +127,13 @@ func printStatus(w io.Writer, st *master.Status) {
 		if p.GenState != "serving" {
 			gen += " (" + p.GenState + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, master.Printable(p.Status, 256))
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, notify.Printable(p.Status, 256))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "LISTENER\tADDRESS\tKIND\tNAME\tGENERATIONS")
-	ls := append([]master.ListenerStatus(nil), st.Listeners...)
+	ls := append([]control.ListenerStatus(nil), st.Listeners...)
 	sort.Slice(ls, func(i, j int) bool { return ls[i].Key < ls[j].Key })
 	for _, l := range ls {
 		var gens []string
@@ -225,7 +145,7 @@ func printStatus(w io.Writer, st *master.Status) {
 			g = "-"
 		}
 		// Unix socket paths are chosen by workers: print them inert.
-		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", master.Printable(l.Key, 4096), l.Network, master.Printable(l.Address, 4096), l.Kind, master.Printable(l.Name, 256), g)
+		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", notify.Printable(l.Key, 4096), l.Network, notify.Printable(l.Address, 4096), l.Kind, notify.Printable(l.Name, 256), g)
 	}
 	tw.Flush()
 }
@@ -267,13 +187,13 @@ func runUpgrade(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gorolling upgrade: %v\n", err)
 		return 1
 	}
-	req := master.ControlRequest{Cmd: "upgrade", Wait: o.wait, TimeoutMS: o.timeout.Milliseconds(), Kind: "auto"}
+	req := control.Request{Cmd: "upgrade", Wait: o.wait, TimeoutMS: o.timeout.Milliseconds(), Kind: "auto"}
 	if o.master {
 		req.Kind = "master"
 	} else if o.workers {
 		req.Kind = "workers"
 	}
-	resp, err := call(path, req, o.timeout+10*time.Second)
+	resp, err := control.Call(path, req, o.timeout+10*time.Second)
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling upgrade: %v\n", err)
 		return 1
@@ -315,7 +235,7 @@ func runScale(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	arg := fs.Arg(0)
-	req := master.ControlRequest{Cmd: "scale"}
+	req := control.Request{Cmd: "scale"}
 	n, err := strconv.Atoi(arg)
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling scale: %q is not a number\n", arg)
@@ -335,7 +255,7 @@ func runScale(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gorolling scale: %v\n", err)
 		return 1
 	}
-	resp, err := call(path, req, 30*time.Second)
+	resp, err := control.Call(path, req, 30*time.Second)
 	if err == nil && !resp.OK {
 		err = errors.New(resp.Error)
 	}
@@ -370,12 +290,12 @@ func runStop(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gorolling stop: %v\n", err)
 		return 1
 	}
-	st, err := call(path, master.ControlRequest{Cmd: "status"}, 10*time.Second)
+	st, err := control.Call(path, control.Request{Cmd: "status"}, 10*time.Second)
 	if err != nil {
 		fmt.Fprintf(stderr, "gorolling stop: %v\n", err)
 		return 1
 	}
-	resp, err := call(path, master.ControlRequest{Cmd: "stop"}, 10*time.Second)
+	resp, err := control.Call(path, control.Request{Cmd: "stop"}, 10*time.Second)
 	if err == nil && !resp.OK {
 		err = errors.New(resp.Error)
 	}
@@ -386,7 +306,7 @@ func runStop(args []string, stdout, stderr io.Writer) int {
 	// Wait for the master process to go.
 	pid := st.Status.PID
 	deadline := time.Now().Add(o.timeout)
-	for master.ProcessRunning(pid) {
+	for procfs.Running(pid) {
 		if time.Now().After(deadline) {
 			fmt.Fprintf(stderr, "gorolling stop: master %d still running after %s\n", pid, o.timeout)
 			return 1

@@ -13,6 +13,10 @@ import (
 	"time"
 
 	"github.com/gorolling/gorolling/master"
+	"github.com/gorolling/gorolling/master/account"
+	"github.com/gorolling/gorolling/master/control"
+	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/registry"
 	"github.com/gorolling/gorolling/upgrade"
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/pflag"
@@ -55,7 +59,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringArrayVar(&o.listen, "listen", nil, "pre-open a listener and pass it to every worker as LISTEN_FDS (repeatable): tcp://HOST:PORT, tcp6://[::1]:PORT, udp://HOST:PORT, unix:///PATH?mode=0660, fd://N or fd://NAME, each with an optional ?name=NAME for LISTEN_FDNAMES")
 	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for the master and its workers; 0 means the hard limit")
-	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+master.DefaultControlDir()+"/NAME.sock (default: the program's file name)")
+	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+control.DefaultDir()+"/NAME.sock (default: the program's file name)")
 	fs.BoolVar(&o.reuseport, "reuseport", false, "give each worker slot its own SO_REUSEPORT socket for the TCP listeners workers ask for, so the kernel spreads connections evenly (default: one shared socket)")
 	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
@@ -153,9 +157,9 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("--stop-signal: %v", err)
 	}
-	var specs []master.ListenSpec
+	var specs []registry.ListenSpec
 	for _, l := range o.listen {
-		ls, err := master.ParseListenSpec(l)
+		ls, err := registry.ParseListenSpec(l)
 		if err != nil {
 			return fail("%v", err)
 		}
@@ -185,15 +189,15 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail("%v", err)
 	}
-	var account *master.Account
+	var acct *account.Account
 	if o.user != "" {
-		if account, err = master.LookupAccount(o.user, o.group); err != nil {
+		if acct, err = account.Lookup(o.user, o.group); err != nil {
 			return fail("%v", err)
 		}
 	} else if o.group != "" {
 		return fail("--group needs --user")
 	}
-	control, err := controlPath(o.control, o.name, fs.Arg(0))
+	ctlPath, err := controlPath(o.control, o.name, fs.Arg(0))
 	if err != nil {
 		return fail("%v", err)
 	}
@@ -203,81 +207,119 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 			return fail("--pid-file: %v", err)
 		}
 	}
-	log := root.Named("master")
-
-	self, err := upgrade.NewSelf(upgrade.SelfConfig{
+	d := &daemon{
+		log:     root.Named("master"),
+		program: fs.Arg(0),
+		version: Version(),
+		started: time.Now(),
+		stopReq: make(chan struct{}),
+	}
+	startFailed := func(err error) int {
+		d.log.Error("cannot start", "error", err)
+		fmt.Fprintf(stderr, "gorolling: %v\n", err)
+		return 1
+	}
+	if d.self, err = upgrade.NewSelf(upgrade.SelfConfig{
 		PIDFile:        pidFile,
 		UpgradeTimeout: o.readyTimeout + 15*time.Second,
 		Logger:         root.Named("upgrade"),
-	})
-	if err != nil {
-		fmt.Fprintf(stderr, "gorolling: %v\n", err)
-		return 1
+	}); err != nil {
+		return startFailed(err)
 	}
-	var restore *master.Restore
-	var inherited []master.InheritedFD
-	if self.HasParent() {
-		if restore, err = self.Inherited(); err != nil {
-			log.Error("cannot take over from the previous master", "error", err)
-			fmt.Fprintf(stderr, "gorolling: %v\n", err)
-			return 1
+	regOpt := registry.Options{Owner: acct, ReusePort: o.reuseport, Max: o.maxSockets}
+	var lastGen, lastID int
+	if d.self.HasParent() {
+		in, err := d.self.Inherited()
+		if err != nil {
+			return startFailed(fmt.Errorf("take over from the previous master: %w", err))
+		}
+		if d.reg, err = registry.Restore(regOpt, in.Registry, in.FDs); err != nil {
+			return startFailed(err)
+		}
+		d.log.Info("state taken over from the previous master", "sockets", len(in.FDs), "last_generation", in.LastGeneration)
+		lastGen, lastID = in.LastGeneration, in.LastWorkerID
+		if in.ControlFD >= 0 {
+			if ctlPath == "" {
+				unix.Close(in.ControlFD)
+			} else if d.ctl, err = control.FromFD(in.ControlFD, ctlPath, root.Named("master.control")); err != nil {
+				d.log.Warn("inherited control socket unusable; binding a new one", "error", err)
+			}
 		}
 	} else {
-		inherited = scanInherited()
+		d.reg = registry.New(regOpt)
+		for _, in := range registry.ScanInherited() {
+			s, err := d.reg.Adopt(in)
+			if err != nil {
+				d.reg.Close(true)
+				return startFailed(err)
+			}
+			d.log.Info("inherited socket adopted", events.Key, events.InheritedAdopted, "fd", in.Number, "addr", s.Addr, "network", s.Network, "name", in.Name)
+		}
+		for _, ls := range specs {
+			s, err := d.reg.Preopen(ls)
+			if err != nil {
+				d.reg.Close(true)
+				return startFailed(err)
+			}
+			d.log.Info("listener pre-opened", events.Key, events.ListenerPreopened, "spec", ls.Spec, "addr", s.Addr, "network", s.Network, "name", s.Name, "fd", 2+len(d.reg.Preopened()))
+		}
 	}
-	m, err := master.New(master.Config{
-		Program:      fs.Arg(0),
-		Args:         fs.Args()[1:],
-		Workers:      o.workers,
-		ReadyTimeout: o.readyTimeout,
-		DrainTimeout: o.drainTimeout,
-		StopSignal:   stopSig,
-		Logger:       log,
-		Inherited:    inherited,
-		Listen:       specs,
-		Shim:         []string{shimPath(account != nil), shimCommand},
-		ReadyTimer:   readyTimer,
-		Control:      control,
-		Version:      Version(),
-		Restore:      restore,
-		Account:      account,
-		ReusePort:    o.reuseport,
-		MaxSockets:   o.maxSockets,
+	if ctlPath != "" && d.ctl == nil {
+		if d.ctl, err = control.Listen(ctlPath, root.Named("master.control")); err != nil {
+			d.reg.Close(!d.self.HasParent())
+			return startFailed(err)
+		}
+	}
+	if o.reuseport {
+		warnMigrate(d.log)
+	}
+	d.m, err = master.New(master.Config{
+		Program:        d.program,
+		Args:           fs.Args()[1:],
+		Workers:        o.workers,
+		DrainTimeout:   o.drainTimeout,
+		StopSignal:     stopSig,
+		Logger:         d.log,
+		Registry:       d.reg,
+		Shim:           []string{shimPath(acct != nil), shimCommand},
+		ReadyTimer:     readyTimer,
+		Account:        acct,
+		LastGeneration: lastGen,
+		LastWorkerID:   lastID,
 	})
 	if err != nil {
-		fmt.Fprintf(stderr, "gorolling: %v\n", err)
-		return 1
+		d.close(!d.self.HasParent())
+		return startFailed(err)
 	}
 	if pidFile != "" {
 		defer removePIDFile(pidFile)
 	}
-	up := upgrade.New(m, upgrade.Config{
+	d.self.Attach(d.reg, d.ctl)
+	d.mgr = upgrade.New(d.m, upgrade.Config{
 		ReadyTimeout: o.readyTimeout,
-		DrainTimeout: o.drainTimeout,
 		ReadyHint:    readyHint,
 		Logger:       root.Named("upgrade"),
-		Self:         self,
+		Self:         d.self,
 	})
-	log.Info("master starting", "pid", os.Getpid(), "version", Version(), "program", fs.Arg(0), "workers", o.workers, "control", control, "successor", self.HasParent())
-	err = m.Run(master.Hooks{
-		Start: func() error {
-			_, err := up.Start()
-			return err
-		},
-		Upgrade: up.Outcome,
-		Stopping: func() {
-			self.Notify("STOPPING=1")
-			up.Stop()
-		},
-	})
-	up.Stop()
-	up.Wait()
-	if err != nil {
-		log.Error("first generation failed", "error", err)
-		fmt.Fprintf(stderr, "gorolling: cannot start %s: %v\n", fs.Arg(0), err)
+	d.log.Info("master starting", events.Key, events.MasterStarting, "pid", os.Getpid(), "version", d.version, "program", d.program, "workers", o.workers, "control", ctlPath, "successor", d.self.HasParent())
+	if err := d.run(); err != nil {
+		d.log.Error("first generation failed", "error", err)
+		fmt.Fprintf(stderr, "gorolling: cannot start %s: %v\n", d.program, err)
 		return 1
 	}
 	return 0
+}
+
+// warnMigrate says, in reuseport mode, whether the kernel moves the
+// connections queued on a member socket that closes (scale-down) to the
+// others, or resets them.
+func warnMigrate(log hclog.Logger) {
+	b, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
+	if v := strings.TrimSpace(string(b)); v == "1" {
+		log.Info("reuseport mode", "tcp_migrate_req", v)
+	} else {
+		log.Warn("reuseport mode: net.ipv4.tcp_migrate_req is not 1, so connections queued on a slot's socket are reset when scaling down removes the slot (upgrades keep every socket)", "tcp_migrate_req", v)
+	}
 }
 
 // maxSocketsLimit bounds --max-sockets: what one self-upgrade bundle
@@ -286,12 +328,12 @@ const maxSocketsLimit = 60000
 
 // controlPath picks the control socket: --control, else --name, else the
 // program's file name, in the default directory. "none" disables it.
-func controlPath(control, name, program string) (string, error) {
-	if control == "none" {
+func controlPath(flag, name, program string) (string, error) {
+	if flag == "none" {
 		return "", nil
 	}
-	if control != "" {
-		return filepath.Abs(control)
+	if flag != "" {
+		return filepath.Abs(flag)
 	}
 	if name == "" {
 		name = filepath.Base(program)
@@ -299,7 +341,7 @@ func controlPath(control, name, program string) (string, error) {
 	if name == "" || name == "." || strings.ContainsAny(name, "/\x00") {
 		return "", fmt.Errorf("--name %q: want a plain name (no '/')", name)
 	}
-	return master.DefaultControlPath(name), nil
+	return control.DefaultPath(name), nil
 }
 
 // removePIDFile removes the pid file if it still names this process.
@@ -312,9 +354,9 @@ func removePIDFile(path string) {
 
 // setNofile sets the open-file limit the workers inherit. Go raises its own
 // soft limit to the hard limit at start but gives children the original
-// back, unless the process sets the limit itself (PITFALLS #25): setting it
-// here, even to the raised value, makes the workers inherit it. 0 means the
-// hard limit.
+// (often 1024) back, unless the process sets the limit itself: setting it
+// here, even to the raised value, makes the workers inherit it, so non-Go
+// workers do not hit EMFILE under load. 0 means the hard limit.
 func setNofile(n uint64) error {
 	var rl syscall.Rlimit
 	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &rl); err != nil {

@@ -13,11 +13,8 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
-	"strconv"
 	"strings"
-	"syscall"
 
-	"github.com/gorolling/gorolling/master"
 	"github.com/spf13/pflag"
 )
 
@@ -30,48 +27,6 @@ func main() {
 		os.Exit(runShim(os.Args[2:]))
 	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
-}
-
-// shimCommand is the hidden subcommand a master runs between fork and the
-// program when it passes pre-opened sockets: it sets LISTEN_PID to its own
-// pid, which os/exec cannot do, and execs the program in place, so the
-// program keeps that pid (PITFALLS #4). It touches no descriptor.
-const shimCommand = "_shim"
-
-func runShim(args []string) int {
-	if len(args) < 2 {
-		fmt.Fprintln(os.Stderr, "gorolling _shim is internal: gorolling _shim PATH ARGV0 [ARGS...]")
-		return 2
-	}
-	os.Setenv("LISTEN_PID", strconv.Itoa(os.Getpid()))
-	err := syscall.Exec(args[0], args[1:], os.Environ())
-	fmt.Fprintf(os.Stderr, "gorolling: exec %s: %v\n", args[0], err)
-	return 127
-}
-
-// scanInherited adopts the sockets this process inherited. When systemd
-// (or systemd-socket-activate) started it with LISTEN_FDS for this pid, the
-// names in LISTEN_FDNAMES go with them; the LISTEN_* variables are then
-// removed from the environment, as sd_listen_fds(unset=1) does.
-func scanInherited() []master.InheritedFD {
-	names := map[int]string{}
-	if pid, err := strconv.Atoi(os.Getenv("LISTEN_PID")); err == nil && pid == os.Getpid() {
-		n, _ := strconv.Atoi(os.Getenv("LISTEN_FDS"))
-		fdnames := strings.Split(os.Getenv("LISTEN_FDNAMES"), ":")
-		for i := 0; i < n; i++ {
-			if i < len(fdnames) && fdnames[i] != "" {
-				names[3+i] = fdnames[i]
-			}
-		}
-		os.Unsetenv("LISTEN_PID")
-		os.Unsetenv("LISTEN_FDS")
-		os.Unsetenv("LISTEN_FDNAMES")
-	}
-	var out []master.InheritedFD
-	for _, fd := range master.ScanInherited() {
-		out = append(out, master.InheritedFD{FD: fd, Name: names[fd]})
-	}
-	return out
 }
 
 // command is one subcommand. Usage, "help CMD" and the man page are all

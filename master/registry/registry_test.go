@@ -1,15 +1,17 @@
-package master
+package registry
 
 import (
 	"errors"
 	"net"
 	"os"
 	"path/filepath"
-	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 
 	"github.com/gorolling/gorolling/handoff"
+	"github.com/gorolling/gorolling/master/account"
 	"golang.org/x/sys/unix"
 )
 
@@ -42,7 +44,7 @@ func cloexec(t *testing.T, fd int) bool {
 }
 
 func TestRegistrySharesAndKeepsPort0(t *testing.T) {
-	r := NewRegistry()
+	r := New(Options{})
 	defer r.Close(true)
 	k0 := key(t, "tcp", "127.0.0.1:0", 0)
 	k1 := key(t, "tcp", "127.0.0.1:0", 1)
@@ -61,7 +63,7 @@ func TestRegistrySharesAndKeepsPort0(t *testing.T) {
 	if s1 != s2 || s1.Addr == s3.Addr {
 		t.Fatalf("index 0 twice: %s %s; index 1: %s", s1.Addr, s2.Addr, s3.Addr)
 	}
-	for _, fd := range []int{d1, d2, s1.FD()} {
+	for _, fd := range []int{d1, d2, s1.fd} {
 		if !cloexec(t, fd) || !nonblocking(t, fd) {
 			t.Fatalf("fd %d: cloexec %v nonblocking %v", fd, cloexec(t, fd), nonblocking(t, fd))
 		}
@@ -91,7 +93,7 @@ func TestRegistryErrno(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	r := NewRegistry()
+	r := New(Options{})
 	defer r.Close(true)
 	_, _, err = r.Acquire(key(t, "tcp", busy.Addr().String(), 0), 0)
 	if !errors.Is(err, syscall.EADDRINUSE) || handoff.ErrnoName(err) != "EADDRINUSE" {
@@ -114,7 +116,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 	stale.(*net.UnixListener).SetUnlinkOnClose(false)
 	stale.Close()
 
-	r := NewRegistry()
+	r := New(Options{})
 	d, _, err := r.Acquire(key(t, "unix", path, 0), 0)
 	if err != nil {
 		t.Fatal(err)
@@ -127,7 +129,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 	}
 	c.Close()
 	// A live socket at a path is refused.
-	other := NewRegistry()
+	other := New(Options{})
 	if _, _, err := other.Acquire(key(t, "unix", path, 0), 0); !errors.Is(err, syscall.EADDRINUSE) {
 		t.Fatalf("second bind on a live socket: %v", err)
 	}
@@ -136,7 +138,7 @@ func TestRegistryUnixLifetime(t *testing.T) {
 		t.Fatalf("a failed registry removed someone else's socket: %v", err)
 	}
 	// Close without removal keeps the file (a successor takes over) ...
-	r2 := NewRegistry()
+	r2 := New(Options{})
 	gpath := filepath.Join(dir, "g.sock")
 	if d, _, err := r2.Acquire(key(t, "unixgram", gpath, 0), 0); err != nil {
 		t.Fatal(err)
@@ -172,16 +174,16 @@ func TestRegistryAdopt(t *testing.T) {
 	rc, _ = u.(*net.UDPConn).SyscallConn()
 	rc.Control(func(x uintptr) { ufd, _ = unix.FcntlInt(x, unix.F_DUPFD, 0) })
 
-	r := NewRegistry()
+	r := New(Options{})
 	defer r.Close(true)
-	s, err := r.Adopt(fd, "http")
+	s, err := r.Adopt(Inherited{FD: fd, Number: fd, Name: "http"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Addr != l.Addr().String() || s.Network != "tcp" || !cloexec(t, fd) || !s.Persistent {
+	if s.Addr != l.Addr().String() || s.Network != "tcp" || !cloexec(t, fd) || s.Kind() != "inherited" {
 		t.Fatalf("adopted %+v", s)
 	}
-	if _, err := r.Adopt(ufd, ""); err != nil {
+	if _, err := r.Adopt(Inherited{FD: ufd, Number: ufd}); err != nil {
 		t.Fatal(err)
 	}
 	fdKey := func(n int, packet bool) handoff.Key {
@@ -207,17 +209,8 @@ func TestRegistryAdopt(t *testing.T) {
 	}
 }
 
-func TestWorkerEnv(t *testing.T) {
-	got := WorkerEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/x", "WATCHDOG_USEC=5", "GOROLLING_FD=9", "HOME=/root"}, "GOROLLING_SLOT=0")
-	want := []string{"PATH=/bin", "HOME=/root", "GOROLLING_SLOT=0"}
-	if !slices.Equal(got, want) {
-		t.Fatalf("got %v, want %v", got, want)
-	}
-}
-
 func TestRegistryReusePortGroup(t *testing.T) {
-	r := NewRegistry()
-	r.reuseport = true
+	r := New(Options{ReusePort: true})
 	defer r.Close(true)
 	k := key(t, "tcp", "127.0.0.1:0", 0)
 	var addrs []string
@@ -258,4 +251,131 @@ func TestRegistryReusePortGroup(t *testing.T) {
 	if a != b {
 		t.Fatal("udp split into members")
 	}
+}
+
+// TestRegistryOpensAsWorkers: a socket opened for workers of another
+// account is theirs from birth, a directory they may not enter refuses
+// them with EACCES naming --listen, a privileged port too, and the file is
+// removed with their rights when the socket is collected.
+func TestRegistryOpensAsWorkers(t *testing.T) {
+	a := nobody(t)
+	r := New(Options{Owner: a})
+	defer r.Close(true)
+	dir := t.TempDir()
+	os.Chmod(dir, 0o777)
+	for d := filepath.Dir(dir); d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	sock := filepath.Join(dir, "w.sock")
+	k := key(t, "unix", sock, 0)
+	fd, s, err := r.Acquire(k, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Lstat(sock, &st); err != nil || st.Uid != a.UID || st.Gid != a.GID {
+		t.Fatalf("socket file owned by %d:%d (%v), want %d:%d", st.Uid, st.Gid, err, a.UID, a.GID)
+	}
+	if s.owner != a {
+		t.Fatal("the socket does not remember whose file it made")
+	}
+
+	private := filepath.Join(t.TempDir(), "private")
+	os.Mkdir(private, 0o700)
+	_, _, err = r.Acquire(key(t, "unix", filepath.Join(private, "x.sock"), 0), 0)
+	if !errors.Is(err, unix.EACCES) || !strings.Contains(err.Error(), "--listen") {
+		t.Fatalf("a socket in a directory nobody may not write: %v", err)
+	}
+	_, _, err = r.Acquire(key(t, "tcp", "127.0.0.1:"+strconv.Itoa(privatePort(t)), 0), 0)
+	if !errors.Is(err, unix.EACCES) || !strings.Contains(err.Error(), "--listen") {
+		t.Fatalf("a privileged port: %v", err)
+	}
+
+	gone := r.Collect(func(handoff.Key) bool { return false })
+	if len(gone) != 1 {
+		t.Fatalf("collected %d sockets", len(gone))
+	}
+	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket file left after collection: %v", err)
+	}
+}
+
+// TestPreopenChownsWithoutFollowing: a --listen unix socket is born with
+// its mode and given to the workers' account; a socket file that is not
+// the one just bound (a hard link, here) is refused.
+func TestPreopenChownsWithoutFollowing(t *testing.T) {
+	a := nobody(t)
+	r := New(Options{Owner: a})
+	defer r.Close(true)
+	dir := t.TempDir()
+	ls, err := ParseListenSpec("unix://" + filepath.Join(dir, "api.sock") + "?mode=0660")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := r.Preopen(ls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Lstat(s.path, &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode&0o777 != 0o660 || st.Uid != a.UID {
+		t.Fatalf("--listen socket: mode %o owner %d, want 0660 and %d", st.Mode&0o777, st.Uid, a.UID)
+	}
+	other := filepath.Join(dir, "other.sock")
+	l, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(l)
+	if err := unix.Bind(l, &unix.SockaddrUnix{Name: other}); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(dir, "link.sock")
+	if err := os.Link(other, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := chownSocketFile(link, a); err == nil {
+		t.Fatal("chownSocketFile gave away a socket file with two links")
+	}
+	if err := unix.Lstat(other, &st); err != nil || st.Uid != 0 {
+		t.Fatalf("the linked file changed owner: %d %v", st.Uid, err)
+	}
+}
+
+// privatePort returns a free port below 1024 on 127.0.0.1.
+func privatePort(t *testing.T) int {
+	t.Helper()
+	for p := 900; p < 1024; p++ {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = unix.Bind(fd, &unix.SockaddrInet4{Port: p, Addr: [4]byte{127, 0, 0, 1}})
+		unix.Close(fd)
+		if err == nil {
+			return p
+		}
+	}
+	t.Fatal("no free privileged port")
+	return 0
+}
+
+// nobody returns the account "nobody"; it fails the test (under
+// GOROLLING_CI) or skips it unless it runs as root.
+func nobody(t *testing.T) *account.Account {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if os.Getenv("GOROLLING_CI") != "" {
+			t.Fatal("CI must run the tests as root")
+		}
+		t.Skip("needs root")
+	}
+	a, err := account.Lookup("nobody", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }

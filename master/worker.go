@@ -6,15 +6,17 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/gorolling/gorolling/handoff"
+	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/notify"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
+	"golang.org/x/time/rate"
 )
 
 // WorkerState is where a worker is in its life.
@@ -52,11 +54,11 @@ const (
 	// maxKeysPerWorker bounds the sockets one worker may ask for; past it
 	// a listen gets EMFILE.
 	maxKeysPerWorker = 256
-	// The handoff channel is read at up to floodRate requests a second,
-	// after a burst of floodBurst; a faster worker is read more slowly
+	// The handoff channel is read at up to requestRate requests a second
+	// after a burst of requestBurst; a faster worker is read more slowly
 	// (its sends then wait), not stopped.
-	floodBurst = 300
-	floodRate  = 100
+	requestRate  = 100
+	requestBurst = 300
 	// sendTimeout bounds a reply: a worker that stops reading its channel
 	// for that long is stopped.
 	sendTimeout = 5 * time.Second
@@ -65,17 +67,17 @@ const (
 // Worker is the master's handle on one worker process. Its mutable fields
 // are guarded by the master's mutex.
 type Worker struct {
-	// ID is unique for the master's life and never reused.
+	// ID is unique for the service's life and never reused.
 	ID int
 	// Slot is the worker's slot in its generation, 0..N-1.
 	Slot int
 
 	gen       *Generation
 	m         *Master
-	cmd       *exec.Cmd
+	proc      process
 	pid       int
 	conn      *handoff.Conn
-	notify    *notifySock
+	notify    *notify.Socket
 	log       hclog.Logger
 	spawnedAt time.Time // just before fork
 	done      chan struct{}
@@ -83,15 +85,11 @@ type Worker struct {
 	state    WorkerState
 	readyAt  time.Time
 	keys     map[handoff.Key]struct{}
-	exitDesc string
-	exitCode int
 	violated bool
+	killer   timer           // the SIGKILL a drain or a violation scheduled
 	status   string          // the last STATUS= the worker sent
 	logged   map[string]bool // warnings already logged once for this worker
 }
-
-// PID returns the worker's process id.
-func (w *Worker) PID() int { return w.pid }
 
 // spawn starts one worker in slot of g. Called without m.mu held.
 func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
@@ -104,145 +102,147 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 	m.nextID++
 	id := m.nextID
 	m.mu.Unlock()
-
-	notify, err := m.openNotify(id)
-	if err != nil {
+	fail := func(err error, files ...*os.File) (*Worker, error) {
+		for _, f := range files {
+			f.Close()
+		}
 		conn.Close()
 		wf.Close()
 		return nil, err
 	}
-	chanFD := 3 + len(m.preopened)
+	ns, err := notify.Open(m.runDir, id, m.cfg.Account)
+	if err != nil {
+		return fail(err)
+	}
+	preopened := m.reg.Preopened()
 	extra := []string{
-		"GOROLLING_FD=" + strconv.Itoa(chanFD),
+		"GOROLLING_FD=" + strconv.Itoa(3+len(preopened)),
 		"GOROLLING_SLOT=" + strconv.Itoa(slot),
 		"GOROLLING_WORKER_ID=" + strconv.Itoa(id),
 		"GOROLLING_GENERATION=" + strconv.Itoa(g.Num),
-		"NOTIFY_SOCKET=" + notify.path,
+		"NOTIFY_SOCKET=" + ns.Path(),
 	}
 	path, args := g.Path, append([]string{m.cfg.Program}, m.cfg.Args...)
 	var files []*os.File
-	if len(m.preopened) > 0 {
-		names := make([]string, len(m.preopened))
-		for i, s := range m.preopened {
+	if len(preopened) > 0 {
+		names := make([]string, len(preopened))
+		for i, s := range preopened {
 			names[i] = s.Name
-			// A fresh duplicate wrapped by os.NewFile: its Fd() (which
-			// StartProcess calls) leaves O_NONBLOCK alone (PITFALLS #7).
-			d, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
+			// A fresh duplicate wrapped by os.NewFile: its Fd(), which
+			// starting the process calls, leaves O_NONBLOCK alone (it
+			// would switch a File that set non-blocking mode itself to
+			// blocking, for every holder of the socket).
+			d, err := s.Dup()
 			if err != nil {
-				for _, f := range files {
-					f.Close()
-				}
-				conn.Close()
-				wf.Close()
-				notify.close()
-				return nil, fmt.Errorf("dup %s: %w", s.Addr, err)
+				ns.Close()
+				return fail(fmt.Errorf("pass %s to a worker: %w", s.Addr, err), files...)
 			}
 			files = append(files, os.NewFile(uintptr(d), s.Name))
 		}
 		extra = append(extra, "LISTEN_FDS="+strconv.Itoa(len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
-		// LISTEN_PID must be the worker's own pid, unknown before fork:
-		// the shim sets it and execs the program (PITFALLS #4).
+		// LISTEN_PID must be the worker's own pid, which is unknown
+		// before the fork: the shim sets it and execs the program in
+		// place, so the program keeps that pid.
 		path = m.cfg.Shim[0]
 		args = append(append(append([]string{}, m.cfg.Shim...), g.Path), args...)
 	}
-	cmd := &exec.Cmd{
-		Path:   path,
-		Args:   args,
-		Env:    WorkerEnv(m.cfg.Env, extra...),
-		Dir:    m.cfg.Dir,
-		Stdout: m.cfg.Stdout,
-		Stderr: m.cfg.Stderr,
-		SysProcAttr: &syscall.SysProcAttr{
-			Setpgid:    true,
-			Pdeathsig:  syscall.SIGTERM,
-			Credential: m.cfg.Account.credential(),
-		},
-	}
-	cmd.ExtraFiles = append(files, wf)
-
 	w := &Worker{
-		ID:     id,
-		Slot:   slot,
-		gen:    g,
-		m:      m,
-		cmd:    cmd,
-		conn:   conn,
+		ID: id, Slot: slot, gen: g, m: m, conn: conn, notify: ns,
 		done:   make(chan struct{}),
 		keys:   make(map[handoff.Key]struct{}),
 		logged: make(map[string]bool),
 	}
-	w.notify = notify
-	w.spawnedAt = time.Now()
-	err = m.spawner.start(cmd)
-	for _, f := range cmd.ExtraFiles {
+	w.spawnedAt = m.cfg.clock.Now()
+	proc, err := m.cfg.start(procSpec{
+		Path: path, Args: args, Env: WorkerEnv(m.cfg.Env, extra...), Dir: m.cfg.Dir,
+		Files: append(files, wf), Cred: m.cfg.Account.Credential(),
+		Stdout: m.cfg.Stdout, Stderr: m.cfg.Stderr,
+	})
+	for _, f := range files {
 		f.Close()
 	}
+	wf.Close() // the master's end sees EOF once the worker is gone
 	if err != nil {
+		ns.Close()
 		conn.Close()
-		notify.close()
 		return nil, fmt.Errorf("start %s: %w", m.cfg.Program, err)
 	}
-	w.pid = cmd.Process.Pid
+	w.proc, w.pid = proc, proc.Pid()
 	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
-	w.log.Info("worker online")
+	w.log.Info("worker online", events.Key, events.WorkerOnline)
 	go w.serve()
-	go w.readNotify()
+	go ns.Serve(w.pid, notifyHandler{w})
 	go w.wait()
 	if d := m.cfg.ReadyTimer; d > 0 {
-		time.AfterFunc(d, func() { m.workerReady(w, "timer") })
+		m.cfg.clock.AfterFunc(d, func() { m.workerReady(w, "timer") })
 	}
 	return w, nil
 }
 
 // wait reaps the worker and tells its generation.
 func (w *Worker) wait() {
-	err := w.cmd.Wait()
-	desc, code := describeExit(w.cmd.ProcessState, err)
+	desc, _ := w.proc.Wait()
 	// Close the master's end now: a listener fd still unread in the
-	// channel buffer stays referenced until then (PITFALLS #27).
+	// channel's buffer stays referenced until then.
 	w.conn.Close()
-	w.notify.close()
-	w.m.workerExited(w, desc, code)
+	w.notify.Close()
+	w.m.mu.Lock()
+	if w.killer != nil {
+		w.killer.Stop()
+	}
+	w.m.mu.Unlock()
+	w.m.workerExited(w, desc)
 	// Sockets only this worker's predecessors held are closed now, not at
 	// the next drain: a worker that crash-loops asking for new addresses
 	// must not make the master hold ever more.
 	w.m.collect()
 }
 
-func describeExit(ps *os.ProcessState, err error) (string, int) {
-	if ps == nil {
-		return fmt.Sprintf("wait: %v", err), -1
+// drainLocked tells w to drain: the drain message, then the stop signal,
+// then SIGKILL if it is still running after the drain timeout. Called with
+// m.mu held; a no-op for a worker already draining or gone.
+func (m *Master) drainLocked(w *Worker) {
+	if w.state == WorkerDraining || w.state == WorkerExited {
+		return
 	}
-	if ws, ok := ps.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-		return "killed by signal " + unix.SignalName(ws.Signal()), 128 + int(ws.Signal())
-	}
-	return "exit status " + strconv.Itoa(ps.ExitCode()), ps.ExitCode()
+	w.state = WorkerDraining
+	w.log.Info("worker draining")
+	go func() {
+		err := w.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeDrain, TimeoutMS: m.cfg.DrainTimeout.Milliseconds()})
+		if err != nil {
+			w.log.Debug("drain message not delivered", "error", err)
+		}
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.stopWithinLocked(w, m.cfg.StopSignal, m.cfg.DrainTimeout)
+	}()
 }
 
-// signal sends sig to the worker's process group (it leads its own), and to
-// the worker itself if the group is gone (the worker called setsid).
-// Called with m.mu held; a no-op once the worker is reaped.
-func (w *Worker) signal(sig syscall.Signal) {
+// stopWithinLocked sends w sig now and SIGKILL after d, unless it has
+// exited by then. Called with m.mu held.
+func (m *Master) stopWithinLocked(w *Worker, sig syscall.Signal, d time.Duration) {
 	if w.state == WorkerExited {
 		return
 	}
-	// Probe the leader through os.Process first: it uses a pidfd, so it
-	// cannot hit a recycled pid. Only if the worker still exists is its
-	// group signalled: once, so that the leader gets the signal once.
-	if err := w.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+	w.proc.Signal(sig)
+	if w.killer != nil {
 		return
 	}
-	if err := syscall.Kill(-w.pid, sig); err != nil {
-		// The worker left its process group (setsid): signal it alone.
-		_ = w.cmd.Process.Signal(sig)
-	}
+	w.killer = m.cfg.clock.AfterFunc(d, func() {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if w.state != WorkerExited {
+			w.log.Warn("worker still running after the drain timeout; killing it", events.Key, events.WorkerKilled)
+			w.proc.Signal(syscall.SIGKILL)
+		}
+	})
 }
 
 // serve reads the worker's requests until the channel closes.
 func (w *Worker) serve() {
 	var lastSeq uint64
 	helloSeen := false
-	tokens, last := float64(floodBurst), time.Now()
+	lim := rate.NewLimiter(requestRate, requestBurst)
 	for {
 		msg, fds, err := w.conn.Receive()
 		if err != nil {
@@ -250,7 +250,7 @@ func (w *Worker) serve() {
 				w.log.Debug("worker closed its handoff channel")
 				return
 			}
-			if errors.Is(err, net.ErrClosed) || w.isExited() {
+			if errors.Is(err, net.ErrClosed) || w.exited() {
 				return
 			}
 			w.violation(err.Error())
@@ -263,17 +263,10 @@ func (w *Worker) serve() {
 			w.violation(fmt.Sprintf("sent %d file descriptors", len(fds)))
 			return
 		}
-		refill := func() {
-			now := time.Now()
-			tokens = min(tokens+now.Sub(last).Seconds()*floodRate, floodBurst)
-			last = now
+		if d := lim.Reserve().Delay(); d > 0 {
+			w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", events.Key, events.WorkerThrottled, "channel", "handoff", "rate_per_second", requestRate)
+			time.Sleep(d)
 		}
-		if refill(); tokens < 1 {
-			w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", "rate_per_second", floodRate)
-			time.Sleep(time.Duration((1 - tokens) / floodRate * float64(time.Second)))
-			refill()
-		}
-		tokens--
 		if !handoff.IsRequest(msg.Type) {
 			w.violation(fmt.Sprintf("sent a %q message, which only the master sends", msg.Type))
 			return
@@ -304,12 +297,15 @@ func (w *Worker) serve() {
 		} else {
 			serr = w.conn.Send(reply)
 		}
-		if serr != nil {
-			if errors.Is(serr, os.ErrDeadlineExceeded) {
-				w.violation("stopped reading its handoff channel")
-			} else if !w.isExited() && !errors.Is(serr, syscall.ECONNRESET) && !errors.Is(serr, syscall.EPIPE) {
-				w.violation("its channel failed: " + serr.Error())
-			}
+		switch {
+		case serr == nil:
+		case errors.Is(serr, os.ErrDeadlineExceeded):
+			w.violation("stopped reading its handoff channel")
+			return
+		case w.exited(), errors.Is(serr, syscall.ECONNRESET), errors.Is(serr, syscall.EPIPE), errors.Is(serr, net.ErrClosed):
+			return // gone
+		default:
+			w.violation("its channel failed: " + serr.Error())
 			return
 		}
 	}
@@ -330,7 +326,7 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 	// The keys are recorded before the socket is acquired, so that a
 	// collection running meanwhile keeps the socket.
 	keys := []handoff.Key{k}
-	if mk, ok := w.m.reg.memberKey(k, w.Slot); ok {
+	if mk, ok := w.m.reg.MemberKey(k, w.Slot); ok {
 		keys = append(keys, mk) // this slot's member of a reuseport group
 	}
 	w.m.mu.Lock()
@@ -339,7 +335,7 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 		w.m.mu.Unlock()
 		reply.Error = fmt.Sprintf("listen %s: this worker already holds %d sockets, the most one worker may ask for", k, maxKeysPerWorker)
 		reply.Errno = "EMFILE"
-		w.warnOnce("keys", "listen refused: the worker holds too many sockets", "limit", maxKeysPerWorker)
+		w.warnOnce("keys", "listen refused: the worker holds too many sockets", events.Key, events.ListenRefused, "limit", maxKeysPerWorker)
 		return -1
 	}
 	var added []handoff.Key
@@ -363,14 +359,14 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 		reply.Error = err.Error()
 		reply.Errno = handoff.ErrnoName(err)
 		if errors.Is(err, unix.ENFILE) {
-			w.warnOnce("max-sockets", "listen refused: the master holds --max-sockets sockets", "key", k.String(), "error", err)
+			w.warnOnce("max-sockets", "listen refused: the master holds --max-sockets sockets", events.Key, events.ListenRefused, "key", k.String(), "error", err)
 		} else {
-			w.warnOnce("listen:"+reply.Errno, "listen failed", "key", k.String(), "error", err)
+			w.warnOnce("listen:"+reply.Errno, "listen failed", events.Key, events.ListenFailed, "key", k.String(), "error", err)
 		}
 		return -1
 	}
 	reply.Network, reply.Address = s.Network, s.Addr
-	w.log.Debug("listener handed over", "key", s.Key.String(), "addr", s.Addr)
+	w.log.Debug("listener handed over", events.Key, events.ListenerHandedOver, "key", s.Key.String(), "addr", s.Addr)
 	return fd
 }
 
@@ -396,23 +392,42 @@ func (w *Worker) violation(reason string) {
 		return
 	}
 	w.violated = true
-	w.signal(w.m.cfg.StopSignal)
+	w.m.stopWithinLocked(w, w.m.cfg.StopSignal, w.m.cfg.DrainTimeout)
 	w.m.mu.Unlock()
-	w.log.Error("worker broke the handoff protocol; stopping it", "reason", reason)
+	w.log.Error("worker broke the handoff protocol; stopping it", events.Key, events.WorkerViolation, "reason", reason)
 	w.conn.Close()
-	go func() {
-		select {
-		case <-w.done:
-		case <-time.After(w.m.cfg.DrainTimeout):
-			w.m.mu.Lock()
-			w.signal(syscall.SIGKILL)
-			w.m.mu.Unlock()
-		}
-	}()
 }
 
-func (w *Worker) isExited() bool {
+func (w *Worker) exited() bool {
 	w.m.mu.Lock()
 	defer w.m.mu.Unlock()
 	return w.state == WorkerExited
+}
+
+// notifyHandler applies what a worker says on its notify socket.
+type notifyHandler struct{ w *Worker }
+
+func (h notifyHandler) Ready() { h.w.m.workerReady(h.w, "notify") }
+
+func (h notifyHandler) Status(text string) {
+	m := h.w.m
+	m.mu.Lock()
+	changed := h.w.status != text
+	h.w.status = text
+	m.mu.Unlock()
+	if changed {
+		h.w.log.Info("worker status", events.Key, events.WorkerStatus, "status", text)
+	}
+}
+
+func (h notifyHandler) Stopping(sender int) {
+	h.w.log.Info("worker stopping", "sender_pid", sender)
+}
+
+func (h notifyHandler) Throttled() {
+	h.w.warnOnce("notify-flood", "worker floods its notify socket; reading it more slowly", events.Key, events.WorkerThrottled, "channel", "notify", "rate_per_second", notify.Rate)
+}
+
+func (h notifyHandler) Ignored(reason string, sender int) {
+	h.w.warnOnce("notify-ignored:"+reason, "notify message ignored", events.Key, events.WorkerNotifyIgnored, "reason", reason, "sender_pid", sender)
 }

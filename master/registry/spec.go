@@ -1,4 +1,4 @@
-package master
+package registry
 
 import (
 	"fmt"

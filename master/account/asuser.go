@@ -1,4 +1,4 @@
-package master
+package account
 
 import (
 	"errors"
@@ -15,7 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Doing filesystem and bind work with a worker's credentials.
+// RunAs: doing filesystem and bind work with a worker's credentials.
 //
 // A root master that checks a worker-chosen path and then acts on it by
 // name races with the worker: between the check and the act, the worker can
@@ -43,17 +43,17 @@ import (
 // for the worker, and a socket's owner (which SO_REUSEPORT compares) is the
 // worker.
 
-// runAsMu serialises runAs: the process's dumpable flag, which a credential
+// runAsMu serialises RunAs: the process's dumpable flag, which a credential
 // change resets, is restored by the caller once the thread is done.
 var runAsMu sync.Mutex
 
-// runAs runs fn on a fresh OS thread whose effective uid, gid and
+// RunAs runs fn on a fresh OS thread whose effective uid, gid and
 // supplementary groups are a's (a nil a keeps the master's) and whose umask
 // is umask (in a filesystem context of its own, so the master's other
 // threads keep theirs). fn must not start goroutines that do privileged
-// work: they run elsewhere. runAs blocks until fn returns and returns fn's
+// work: they run elsewhere. RunAs blocks until fn returns and returns fn's
 // error. A panic in fn is returned as an error.
-func runAs(a *Account, umask int, fn func() error) error {
+func RunAs(a *Account, umask int, fn func() error) error {
 	runAsMu.Lock()
 	defer runAsMu.Unlock()
 	dumpable, _ := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
@@ -140,11 +140,11 @@ func setThreadCreds(a *Account) error {
 	return nil
 }
 
-// openDirNoFollow opens dir (absolute) as an O_PATH descriptor without
+// OpenDirNoFollow opens dir (absolute) as an O_PATH descriptor without
 // following any symlink on the way, so that later *at() calls on it act in
 // exactly that directory, whatever is renamed meanwhile. The caller closes
 // the descriptor.
-func openDirNoFollow(dir string) (int, error) {
+func OpenDirNoFollow(dir string) (int, error) {
 	how := &unix.OpenHow{
 		Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
 		Resolve: unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/gorolling/gorolling/master"
+	"github.com/gorolling/gorolling/master/control"
+	"github.com/gorolling/gorolling/master/registry"
+	"github.com/gorolling/gorolling/upgrade"
+	"github.com/hashicorp/go-hclog"
+	oklog "github.com/oklog/run"
+	"golang.org/x/sys/unix"
+)
+
+// daemon is a running master: its parts, wired as one group of actors.
+// Each part owns what it created; the daemon owns the registry and the
+// control socket, and closes them last.
+type daemon struct {
+	log     hclog.Logger
+	program string
+	version string
+	started time.Time
+
+	self *upgrade.Self
+	reg  *registry.Registry
+	ctl  *control.Server // nil with --control none
+	m    *master.Master
+	mgr  *upgrade.Manager
+
+	stopOnce sync.Once
+	stopReq  chan struct{} // closed by the first stop request
+}
+
+// errStopRequested ends the group after TERM, INT or "gorolling stop".
+var errStopRequested = errors.New("stop requested")
+
+// run serves until the master stops: signals, the control socket, the
+// upgrade queue and the master, each an actor of one oklog/run group, so
+// that whichever ends first (a stop request, a failed first generation, a
+// successor taking over) stops the others in order. It returns the first
+// generation's error if it could not start.
+//
+//	HUP        upgrade: the master if its binary changed on disk, else the workers
+//	USR2       re-exec the master
+//	TERM, INT  graceful stop; a second one kills the workers
+//	TTIN, TTOU one worker more, one fewer
+func (d *daemon) run() error {
+	// Signals are caught before anything starts: a signal during start-up
+	// is handled, not fatal.
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2, syscall.SIGTTIN, syscall.SIGTTOU)
+	defer signal.Stop(sigs)
+
+	var g oklog.Group
+	// Signals: served until the master has stopped, so that a second TERM
+	// during the drain still kills the workers.
+	g.Add(func() error {
+		d.signals(sigs)
+		return nil
+	}, func(error) {})
+	// A stop request ends the group.
+	quit := make(chan struct{})
+	g.Add(func() error {
+		select {
+		case <-d.stopReq:
+			return errStopRequested
+		case <-quit:
+			return nil
+		}
+	}, func(error) { close(quit) })
+	// The first generation, then the upgrade queue.
+	g.Add(d.mgr.Run, func(error) { d.mgr.Stop() })
+	// The master's workers: their drain is the group's stop.
+	g.Add(func() error {
+		<-d.m.Done()
+		return nil
+	}, func(error) { go d.m.Stop() })
+	handedOver := false
+	if d.ctl != nil {
+		g.Add(func() error { return d.ctl.Serve(d) }, func(err error) {
+			// A successor serves the same control socket: its file stays.
+			d.ctl.Close(!errors.Is(err, upgrade.ErrHandedOver) && !d.failedSuccessor(err))
+		})
+	}
+	err := g.Run()
+	if errors.Is(err, upgrade.ErrHandedOver) {
+		handedOver = true
+	}
+	// Every socket file stays for a successor (handed over), or for the
+	// master that goes on serving (a successor that failed to start).
+	d.close(!handedOver && !d.failedSuccessor(err))
+	if errors.Is(err, errStopRequested) || handedOver {
+		return nil
+	}
+	return err
+}
+
+// failedSuccessor reports whether err ended a successor master that never
+// took over: it shares every socket file with the master that still serves.
+func (d *daemon) failedSuccessor(err error) bool {
+	return d.self.HasParent() && err != nil && !errors.Is(err, errStopRequested) && !errors.Is(err, upgrade.ErrHandedOver)
+}
+
+// close releases the sockets once the workers are gone.
+func (d *daemon) close(removeFiles bool) {
+	if d.m != nil {
+		d.m.Stop() // no-op if stopped
+	}
+	if d.ctl != nil {
+		d.ctl.Close(removeFiles)
+	}
+	d.reg.Close(removeFiles)
+}
+
+// signals handles the master's signals until it has stopped.
+func (d *daemon) signals(sigs <-chan os.Signal) {
+	stops := 0
+	for {
+		select {
+		case <-d.m.Done():
+			return
+		case s := <-sigs:
+			sig := s.(syscall.Signal)
+			name := unix.SignalName(sig)
+			switch sig {
+			case syscall.SIGHUP, syscall.SIGUSR2:
+				kind := upgrade.Auto
+				if sig == syscall.SIGUSR2 {
+					kind = upgrade.Master
+				}
+				if d.m.Stopping() {
+					d.log.Warn("upgrade ignored: the master is stopping", "signal", name)
+					continue
+				}
+				d.log.Info("upgrade requested", "signal", name, "kind", kind.String())
+				d.mgr.Trigger(kind)
+			case syscall.SIGINT, syscall.SIGTERM:
+				if stops++; stops > 1 {
+					d.log.Warn("second stop signal: killing workers now", "signal", name)
+					d.m.Kill()
+					continue
+				}
+				d.requestStop(name)
+			case syscall.SIGTTIN, syscall.SIGTTOU:
+				n := d.m.Size() + 1
+				if sig == syscall.SIGTTOU {
+					n = d.m.Size() - 1
+				}
+				if err := d.m.Scale(n); err != nil {
+					d.log.Warn("scale refused", "signal", name, "error", err)
+				}
+			}
+		}
+	}
+}
+
+// Stop asks for a graceful stop (control.Handler).
+func (d *daemon) Stop() { d.requestStop("control") }
+
+// requestStop begins a graceful stop once; via says who asked.
+func (d *daemon) requestStop(via string) {
+	d.stopOnce.Do(func() {
+		d.log.Info("stop requested", "via", via)
+		d.self.Notify("STOPPING=1")
+		close(d.stopReq)
+	})
+}
+
+// Status returns the master's status (control.Handler).
+func (d *daemon) Status() control.Status {
+	now := time.Now()
+	st := control.Status{
+		PID:                  os.Getpid(),
+		Version:              d.version,
+		Program:              d.program,
+		Started:              d.started,
+		UptimeSec:            now.Sub(d.started).Seconds(),
+		ServiceStarted:       d.self.ServiceStarted(),
+		MasterUpgrades:       d.self.MasterUpgrades(),
+		Upgrade:              d.mgr.Note(),
+		MasterUpgradeFailure: d.mgr.MasterFailure(),
+	}
+	if st.ServiceStarted.IsZero() {
+		st.ServiceStarted = d.started
+	}
+	if d.ctl != nil {
+		st.ControlPath = d.ctl.Path()
+	}
+	d.m.FillStatus(&st)
+	return st
+}
+
+// Upgrade queues an upgrade (control.Handler).
+func (d *daemon) Upgrade(kind string) (<-chan control.UpgradeOutcome, error) {
+	k, err := upgrade.ParseKind(kind)
+	if err != nil {
+		return nil, err
+	}
+	if d.m.Stopping() {
+		return nil, errors.New("the master is stopping")
+	}
+	d.log.Info("upgrade requested", "via", "control", "kind", k.String())
+	res := d.mgr.Trigger(k)
+	out := make(chan control.UpgradeOutcome, 1)
+	go func() { out <- (<-res).Outcome() }()
+	return out, nil
+}
+
+// Scale sets the number of workers (control.Handler).
+func (d *daemon) Scale(n, delta int) (int, error) {
+	if delta != 0 {
+		n = d.m.Size() + delta
+	}
+	if err := d.m.Scale(n); err != nil {
+		return 0, err
+	}
+	return n, nil
+}
+
+var _ control.Handler = (*daemon)(nil)

@@ -1,0 +1,97 @@
+package control
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// DefaultPath is the control socket of the service called name, in
+// DefaultDir.
+func DefaultPath(name string) string {
+	return filepath.Join(DefaultDir(), name+".sock")
+}
+
+// DefaultDir is where control sockets live by default: /run/gorolling for
+// root, else $XDG_RUNTIME_DIR/gorolling, else gorolling-UID in the temp
+// directory (which Listen refuses if someone else made it first).
+func DefaultDir() string {
+	if os.Geteuid() == 0 {
+		return "/run/gorolling"
+	}
+	if d := os.Getenv("XDG_RUNTIME_DIR"); d != "" {
+		return filepath.Join(d, "gorolling")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("gorolling-%d", os.Geteuid()))
+}
+
+// Find picks a control socket: path if set, else the one of name, else the
+// only socket in DefaultDir.
+func Find(path, name string) (string, error) {
+	if path != "" {
+		return path, nil
+	}
+	if name != "" {
+		return DefaultPath(name), nil
+	}
+	dir := DefaultDir()
+	matches, _ := filepath.Glob(filepath.Join(dir, "*.sock"))
+	switch len(matches) {
+	case 0:
+		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", dir)
+	case 1:
+		return matches[0], nil
+	}
+	var names []string
+	for _, m := range matches {
+		names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
+	}
+	return "", fmt.Errorf("several masters run (%s): pick one with --name", strings.Join(names, ", "))
+}
+
+// Call sends one request to the master at path and returns its answer;
+// wait bounds the whole exchange. It believes only a master run by root or
+// by this process's user: anyone who could put a socket at the path could
+// otherwise answer with whatever they like.
+func Call(path string, req Request, wait time.Duration) (*Response, error) {
+	c, err := net.DialTimeout("unix", path, 5*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("connect to the master at %s: %w", path, err)
+	}
+	defer c.Close()
+	uc := c.(*net.UnixConn)
+	cred, err := peerCred(uc)
+	if err != nil {
+		return nil, fmt.Errorf("check who serves %s: %w", path, err)
+	}
+	if cred.Uid != 0 && int(cred.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("the control socket %s is served by uid %d, not by root or by you (uid %d): not talking to it", path, cred.Uid, os.Geteuid())
+	}
+	c.SetDeadline(time.Now().Add(wait))
+	b, _ := json.Marshal(req)
+	_, werr := c.Write(append(b, '\n'))
+	// Read the answer even if the write failed: a master that refuses the
+	// connection answers and closes at once.
+	line, err := bufio.NewReader(c).ReadBytes('\n')
+	if werr != nil && len(line) == 0 {
+		return nil, fmt.Errorf("send to the master: %w", werr)
+	}
+	if err != nil && len(line) == 0 {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("the master closed the connection without answering")
+		}
+		return nil, fmt.Errorf("read the master's answer: %w", err)
+	}
+	var resp Response
+	if err := json.Unmarshal(line, &resp); err != nil {
+		return nil, fmt.Errorf("bad answer from the master: %w", err)
+	}
+	return &resp, nil
+}

@@ -1,0 +1,72 @@
+// Package procfs reads the few facts about processes that gorolling takes
+// from Linux's /proc: whether a pid runs, its parent and process group, and
+// the calling process's umask. It is the one parser of /proc/PID/stat in
+// the module.
+package procfs
+
+import (
+	"errors"
+	"os"
+	"strconv"
+	"strings"
+)
+
+// Stat is what /proc/PID/stat says about one process.
+type Stat struct {
+	// State is the one-letter state: R, S, D, Z (zombie), T, ...
+	State byte
+	// PPid is the parent's pid, PGrp the process group.
+	PPid, PGrp int
+}
+
+// ErrFormat reports a /proc/PID/stat line that does not parse.
+var ErrFormat = errors.New("procfs: unexpected /proc/PID/stat format")
+
+// ReadStat reads /proc/PID/stat. The command name (field 2) may hold any
+// byte, spaces and parentheses included, so the fields after it are found
+// from the last ')'.
+func ReadStat(pid int) (Stat, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return Stat{}, err
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return Stat{}, ErrFormat
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 3 || len(f[0]) != 1 {
+		return Stat{}, ErrFormat
+	}
+	ppid, err1 := strconv.Atoi(f[1])
+	pgrp, err2 := strconv.Atoi(f[2])
+	if err1 != nil || err2 != nil {
+		return Stat{}, ErrFormat
+	}
+	return Stat{State: f[0][0], PPid: ppid, PGrp: pgrp}, nil
+}
+
+// Running reports whether pid is a running process; a zombie (exited, not
+// yet reaped) is not.
+func Running(pid int) bool {
+	st, err := ReadStat(pid)
+	return err == nil && st.State != 'Z'
+}
+
+// Umask returns the calling process's umask without changing it (umask(2)
+// can only read it by setting it, which would race with other threads),
+// or 022 if /proc does not say.
+func Umask() int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, "Umask:"); ok {
+				if n, err := strconv.ParseUint(strings.TrimSpace(v), 8, 32); err == nil {
+					return int(n)
+				}
+			}
+		}
+	}
+	return 0o022
+}

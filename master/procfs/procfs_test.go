@@ -1,0 +1,49 @@
+package procfs
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+func TestReadStat(t *testing.T) {
+	st, err := ReadStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.PPid != os.Getppid() || st.State == 'Z' || st.State == 0 {
+		t.Fatalf("stat of self: %+v, want ppid %d", st, os.Getppid())
+	}
+	if !Running(os.Getpid()) {
+		t.Fatal("this process does not run")
+	}
+}
+
+// TestZombieIsNotRunning: an exited child that is not reaped yet is a
+// zombie, and Running says no; once reaped it is gone.
+func TestZombieIsNotRunning(t *testing.T) {
+	cmd := exec.Command("/bin/sh", "-c", "exit 0")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	for i := 0; i < 1000; i++ {
+		if st, err := ReadStat(pid); err == nil && st.State == 'Z' {
+			break
+		}
+		exec.Command("true").Run() // let time pass without sleeping blind
+	}
+	if Running(pid) {
+		t.Errorf("a zombie counts as running")
+	}
+	cmd.Wait()
+	if _, err := ReadStat(pid); err == nil {
+		t.Errorf("a reaped process still has a stat")
+	}
+}
+
+func TestUmask(t *testing.T) {
+	if m := Umask(); m < 0 || m > 0o777 {
+		t.Fatalf("umask %o", m)
+	}
+}

@@ -1,0 +1,451 @@
+// Package registry owns the listening sockets of a gorolling master: one
+// socket per listen key, opened on the first request for it and duplicated
+// to every worker that asks, in this and every later generation. It owns
+// the listen rules (Node's cluster semantics; keys come from
+// handoff.Normalize), the creation of sockets with the workers' own
+// credentials, the sockets' lifetime, the --listen and inherited sockets,
+// and the state a master passes to its successor.
+//
+// Invariants:
+//   - The registry holds exactly one descriptor of each socket, raw (never
+//     wrapped in an *os.File, never registered with the runtime poller),
+//     close-on-exec and non-blocking. Everything it hands out is a
+//     duplicate the caller owns.
+//   - A socket a worker asks for, and its unix socket file, are created and
+//     removed with the workers' credentials (account.RunAs), so the kernel
+//     decides what a worker may have; no permission is checked here.
+//   - Sockets declared with --listen and sockets the master inherited live
+//     as long as the registry; the others until Collect finds no holder.
+//   - A unix socket file is removed only if it is still the one the
+//     registry created (same inode), and never by closing a descriptor.
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+
+	"github.com/gorolling/gorolling/handoff"
+	"github.com/gorolling/gorolling/master/account"
+	"golang.org/x/sys/unix"
+)
+
+// Socket is one listening socket the registry holds for the socket's whole
+// life. Its exported fields do not change after it is registered.
+type Socket struct {
+	// Key is the registry key requests for this socket normalise to.
+	Key handoff.Key
+	// Network and Addr describe the bound socket as net reports them
+	// ("tcp", "[::]:8080").
+	Network, Addr string
+	// Name is the socket's name for LISTEN_FDNAMES, if it has one.
+	Name string
+
+	fd         int    // the registry's own copy: close-on-exec, non-blocking
+	persistent bool   // --listen or inherited: lives as long as the registry
+	preopened  bool   // passed to every worker as a LISTEN_FDS descriptor
+	packet     bool   // a datagram socket
+	path       string // unix socket file the registry created
+	ino        uint64 // inode of path when bound: only that file is removed
+	// owner, if set, is the account path was created as (a socket opened
+	// for workers of another account): it is removed with that account's
+	// credentials too. Without, the master created it itself (--listen)
+	// and removes it relative to its directory.
+	owner *account.Account
+}
+
+// Kind names the socket's origin for status: "pre-opened" (--listen),
+// "inherited" (from systemd or a shell), or "shared" (opened on a worker's
+// request).
+func (s *Socket) Kind() string {
+	switch {
+	case s.preopened:
+		return "pre-opened"
+	case s.persistent:
+		return "inherited"
+	}
+	return "shared"
+}
+
+// Dup returns a new close-on-exec descriptor of the socket, which the
+// caller owns. It sets O_NONBLOCK on the socket first: the flag belongs to
+// the open file description every holder shares, and any worker may have
+// cleared it (a program that switched its copy to blocking mode), which
+// would leave a Go worker blocked in accept(2), unable to stop.
+func (s *Socket) Dup() (int, error) {
+	if err := unix.SetNonblock(s.fd, true); err != nil {
+		return -1, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("set socket %s non-blocking: %v", s.Key, err)}
+	}
+	d, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return -1, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("dup socket %s: %v", s.Key, err)}
+	}
+	return d, nil
+}
+
+// Options configure a Registry.
+type Options struct {
+	// Owner is the account workers run as, when it is not the master's
+	// (nil: the master's). Sockets workers ask for are opened with its
+	// credentials, and --listen socket files are given to it.
+	Owner *account.Account
+	// ReusePort gives each slot its own SO_REUSEPORT socket for the TCP
+	// listeners workers ask for (not for --listen or inherited ones).
+	ReusePort bool
+	// Max bounds the sockets opened on workers' requests (0: no bound);
+	// past it a request fails with ENFILE.
+	Max int
+}
+
+// Registry maps listen keys to sockets. It is safe for concurrent use.
+type Registry struct {
+	opt Options
+
+	mu        sync.Mutex
+	sockets   map[handoff.Key]*Socket
+	ports     map[handoff.Key]int // port-0 keys -> the port first assigned
+	preopened []*Socket           // in LISTEN_FDS order
+	closed    bool
+}
+
+// New returns an empty registry.
+func New(opt Options) *Registry {
+	return &Registry{
+		opt:     opt,
+		sockets: make(map[handoff.Key]*Socket),
+		ports:   make(map[handoff.Key]int),
+	}
+}
+
+// Error is a failed request with the errno a worker should see. Errno is
+// zero when the failure has none (a bad address, say).
+type Error struct {
+	Errno syscall.Errno
+	Msg   string
+}
+
+// Error returns the failure as the registry describes it.
+func (e *Error) Error() string { return e.Msg }
+
+// Unwrap lets errors.Is(err, syscall.EADDRINUSE) work.
+func (e *Error) Unwrap() error {
+	if e.Errno == 0 {
+		return nil
+	}
+	return e.Errno
+}
+
+// ErrClosed is returned by Acquire after Close.
+var ErrClosed = errors.New("registry: closed")
+
+// lookup is the map key a request for k is held under: one entry per
+// inherited fd, whatever kind the request asks for (checked later).
+func lookup(k handoff.Key) handoff.Key {
+	if k.Network == "fd" {
+		k.Packet = false
+	}
+	return k
+}
+
+// Acquire returns a duplicate (close-on-exec) of the socket for k, opening
+// the socket first, with the workers' credentials, if this is the first
+// request for it. The caller owns the duplicate. In reuseport mode a TCP
+// request that no --listen or inherited socket answers gets the member
+// socket of slot (see MemberKey). A failure is an *Error with the errno the
+// kernel gave, or ENFILE past Options.Max.
+func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return -1, nil, ErrClosed
+	}
+	s := r.sockets[lookup(k)]
+	if s == nil {
+		if mk, ok := r.MemberKey(k, slot); ok {
+			k = mk
+			s = r.sockets[k]
+		}
+	}
+	if s == nil {
+		if k.Network == "fd" {
+			return -1, nil, &Error{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
+		}
+		if n := r.openedLocked(); r.opt.Max > 0 && n >= r.opt.Max {
+			return -1, nil, &Error{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
+		}
+		var err error
+		if s, err = r.open(k, r.opt.Owner, -1); err != nil {
+			return -1, nil, err
+		}
+		r.sockets[k] = s
+	}
+	if k.Network == "fd" {
+		if err := handoff.CheckListener(s.fd, k.Packet); err != nil {
+			return -1, nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen fd:%s: %v", k.Address, err)}
+		}
+	}
+	d, err := s.Dup()
+	if err != nil {
+		return -1, nil, err
+	}
+	return d, s, nil
+}
+
+// MemberKey returns the key of slot's own socket in reuseport mode, for a
+// request that would get one: TCP listeners only (UDP and unix sockets stay
+// shared). A slot's replacement and its successor in the next generation
+// get the same member, so no member closes during an upgrade.
+func (r *Registry) MemberKey(k handoff.Key, slot int) (handoff.Key, bool) {
+	if !r.opt.ReusePort || !strings.HasPrefix(k.Network, "tcp") || k.Packet || slot < 0 {
+		return handoff.Key{}, false
+	}
+	k.Member = slot + 1
+	return k, true
+}
+
+// openedLocked counts the sockets opened on workers' requests.
+func (r *Registry) openedLocked() int {
+	n := 0
+	for _, s := range r.sockets {
+		if !s.persistent {
+			n++
+		}
+	}
+	return n
+}
+
+// Preopen opens the socket of a --listen spec, or takes the inherited
+// socket it names, and keeps it for the registry's life; every worker gets
+// it as a LISTEN_FDS descriptor, in the order of the Preopen calls. The
+// master binds it itself, with its own rights: this is how the operator
+// hands workers what their account could not open. A unix socket's mode is
+// set through the binding thread's umask, so the file is born with it, and
+// the file is given to the workers' account without following symlinks. A
+// socket opened on port 0 is registered under the port it got, so that a
+// worker's Listen on that address shares it. Errors name the spec.
+func (r *Registry) Preopen(ls ListenSpec) (*Socket, error) {
+	s, err := r.preopen(ls)
+	if err != nil {
+		return nil, err
+	}
+	if s.Name == "" {
+		s.Name = "unknown"
+	}
+	r.mu.Lock()
+	r.preopened = append(r.preopened, s)
+	r.mu.Unlock()
+	return s, nil
+}
+
+func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
+	if ls.Network == "fd" {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		var found *Socket
+		var names []string
+		for _, s := range r.sockets {
+			if s.Key.Network != "fd" {
+				continue
+			}
+			if s.Name != "" {
+				names = append(names, s.Name)
+			}
+			if (ls.FD >= 0 && s.Key.Address == strconv.Itoa(ls.FD)) || (ls.FDName != "" && s.Name == ls.FDName) {
+				found = s
+			}
+		}
+		switch {
+		case found == nil && ls.FD >= 0:
+			return nil, fmt.Errorf("--listen %q: the master has no inherited socket on fd %d", ls.Spec, ls.FD)
+		case found == nil:
+			sort.Strings(names)
+			return nil, fmt.Errorf("--listen %q: no inherited socket is named %q (LISTEN_FDNAMES gave: %s)", ls.Spec, ls.FDName, strings.Join(names, ", "))
+		case found.preopened:
+			return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+		}
+		found.preopened = true
+		if ls.Name != "" {
+			found.Name = ls.Name
+		}
+		return found, nil
+	}
+	k, err := handoff.Normalize(&handoff.ListenRequest{Network: ls.Network, Address: ls.Address, Packet: ls.Packet()})
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sockets[k] != nil {
+		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+	}
+	umask := -1
+	if ls.Mode != 0 {
+		umask = int(0o777 &^ ls.Mode)
+	}
+	s, err := r.open(k, nil, umask)
+	if err != nil {
+		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
+	}
+	if s.path != "" && r.opt.Owner != nil {
+		ino, err := chownSocketFile(s.path, r.opt.Owner)
+		if err != nil {
+			s.close(true)
+			return nil, fmt.Errorf("--listen %q: give the socket file to %s: %w", ls.Spec, r.opt.Owner.User, err)
+		}
+		s.ino = ino
+	}
+	if k.Port() == 0 && !strings.HasPrefix(k.Network, "unix") {
+		if _, port, err := net.SplitHostPort(s.Addr); err == nil {
+			n, _ := strconv.Atoi(port)
+			delete(r.ports, k.Shared())
+			k.Address = k.WithPort(n)
+			s.Key = k
+		}
+	}
+	if r.sockets[k] != nil {
+		s.close(true)
+		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+	}
+	s.persistent, s.preopened, s.Name = true, true, ls.Name
+	r.sockets[k] = s
+	return s, nil
+}
+
+// Preopened returns the --listen sockets in LISTEN_FDS order.
+func (r *Registry) Preopened() []*Socket {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*Socket(nil), r.preopened...)
+}
+
+// Adopt registers an inherited socket under the key fd:in.Number. The
+// registry takes ownership of in.FD, marks it close-on-exec and
+// non-blocking (systemd and shells hand sockets over blocking, and a
+// worker blocked in accept on a shared socket cannot stop), and keeps it
+// for its life.
+func (r *Registry) Adopt(in Inherited) (*Socket, error) {
+	fd := in.FD
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return nil, fmt.Errorf("adopt fd %d: %w", fd, err)
+	}
+	dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return nil, fmt.Errorf("adopt fd %d: %w", fd, err)
+	}
+	unix.CloseOnExec(fd)
+	if err := unix.SetNonblock(fd, true); err != nil {
+		return nil, fmt.Errorf("adopt fd %d: set non-blocking: %w", fd, err)
+	}
+	s := &Socket{
+		Key:        handoff.Key{Network: "fd", Address: strconv.Itoa(in.Number)},
+		Name:       in.Name,
+		fd:         fd,
+		persistent: true,
+		packet:     typ == unix.SOCK_DGRAM,
+	}
+	s.Network, s.Addr = describe(fd, dom, typ)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.sockets[s.Key] != nil {
+		return nil, fmt.Errorf("adopt fd %d: already adopted", in.Number)
+	}
+	r.sockets[s.Key] = s
+	return s, nil
+}
+
+func describe(fd, dom, typ int) (string, string) {
+	var network string
+	switch {
+	case dom == unix.AF_UNIX && typ == unix.SOCK_STREAM:
+		network = "unix"
+	case dom == unix.AF_UNIX && typ == unix.SOCK_SEQPACKET:
+		network = "unixpacket"
+	case dom == unix.AF_UNIX && typ == unix.SOCK_DGRAM:
+		network = "unixgram"
+	case typ == unix.SOCK_DGRAM:
+		network = "udp"
+	default:
+		network = "tcp"
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return network, ""
+	}
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return network, net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *unix.SockaddrInet6:
+		return network, net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+	case *unix.SockaddrUnix:
+		return network, a.Name
+	}
+	return network, ""
+}
+
+// Collect closes every socket opened on workers' requests for which inUse
+// reports false, and removes the unix socket files of those it closes.
+// Port-0 assignments are kept, so a later request for the same key binds
+// the same port again. inUse runs with the registry locked.
+func (r *Registry) Collect(inUse func(handoff.Key) bool) []*Socket {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var gone []*Socket
+	for k, s := range r.sockets {
+		if s.persistent || inUse(k) {
+			continue
+		}
+		delete(r.sockets, k)
+		s.close(true)
+		gone = append(gone, s)
+	}
+	return gone
+}
+
+// Sockets returns the registered sockets, sorted by key.
+func (r *Registry) Sockets() []*Socket {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*Socket, 0, len(r.sockets))
+	for _, s := range r.sockets {
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Key.String() < out[j].Key.String() })
+	return out
+}
+
+// Close closes every socket. With removeFiles it also removes the unix
+// socket files the registry created (a final stop); without, the files
+// stay for a successor that holds the same sockets. Acquire fails
+// afterwards. Close is idempotent.
+func (r *Registry) Close(removeFiles bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for k, s := range r.sockets {
+		s.close(removeFiles)
+		delete(r.sockets, k)
+	}
+	r.preopened = nil
+	r.closed = true
+}
+
+func (s *Socket) close(removeFile bool) {
+	unix.Close(s.fd)
+	s.fd = -1
+	if removeFile && s.path != "" {
+		removeSocketFile(s.path, s.ino, s.owner)
+	}
+}
+
+func errnoOf(err error) syscall.Errno {
+	var e syscall.Errno
+	if errors.As(err, &e) {
+		return e
+	}
+	return 0
+}
