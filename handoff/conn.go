@@ -141,9 +141,7 @@ func (c *Conn) Receive() (*Message, []int, error) {
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.buf, c.oob)
 	if err != nil || n == 0 {
 		// A record may still have delivered descriptors.
-		for _, fd := range controlFDs(c.oob[:oobn]) {
-			unix.Close(fd)
-		}
+		Discard(controlFDs(c.oob[:oobn]))
 		// ECONNRESET: the peer exited with messages it never read; for
 		// the reader that is the same as a close.
 		if err == nil || errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
@@ -151,7 +149,7 @@ func (c *Conn) Receive() (*Message, []int, error) {
 		}
 		return nil, nil, fmt.Errorf("handoff: receive: %w", err)
 	}
-	return decode(c.buf[:n], c.oob[:oobn], flags, closeFD)
+	return decode(c.buf[:n], c.oob[:oobn], flags, func(fd int) { Discard([]int{fd}) })
 }
 
 // Close closes the channel. Pending Receive calls return an error.
@@ -159,7 +157,57 @@ func (c *Conn) Close() error {
 	return c.uc.Close()
 }
 
-func closeFD(fd int) { unix.Close(fd) }
+// soPassRights is SO_PASSRIGHTS (Linux 6.16): with it off, the kernel
+// refuses to queue descriptors for a socket at all; the sender's sendmsg
+// fails with EPERM.
+const soPassRights = 83
+
+// RefuseDescriptors makes the kernel refuse every descriptor sent to this
+// end (the master's end: workers have no descriptor to give it). It
+// returns an error on kernels without SO_PASSRIGHTS (before 6.16), where
+// the receiver discards what arrives instead.
+func (c *Conn) RefuseDescriptors() error {
+	rc, err := c.uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return RefuseDescriptors(rc)
+}
+
+// RefuseDescriptors sets SO_PASSRIGHTS off on the socket rc, if the kernel
+// knows it.
+func RefuseDescriptors(rc syscall.RawConn) error {
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, soPassRights, 0)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
+// Discard closes descriptors a peer sent that nobody wants, without ever
+// blocking the caller: closing the last copy of a TCP socket with unsent
+// data and a long SO_LINGER (a hostile sender can arrange both) would block
+// in close(2), and so can a file whose filesystem hangs in flush (a FUSE
+// mount the sender serves). Sockets get an abortive close (linger 0: a
+// reset, at once); files and directories are closed on a goroutine of
+// their own; the rest (pipes, devices) close at once.
+func Discard(fds []int) {
+	for _, fd := range fds {
+		var st unix.Stat_t
+		_ = unix.Fstat(fd, &st)
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFSOCK:
+			_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
+			unix.Close(fd)
+		case unix.S_IFREG, unix.S_IFDIR:
+			go unix.Close(fd)
+		default:
+			unix.Close(fd)
+		}
+	}
+}
 
 // decode turns one received record into a message and its descriptors. On
 // any error it passes every descriptor found in oob to closeFn and returns

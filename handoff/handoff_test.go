@@ -437,3 +437,43 @@ func TestBundleMalformed(t *testing.T) {
 		t.Fatalf("fd count %d, want %d", after, before)
 	}
 }
+
+// TestDiscardNeverBlocks: the last close of a TCP socket with unsent data,
+// a peer that reads nothing and a long SO_LINGER would block for the
+// linger time; a hostile worker can hand the master exactly that. Discard
+// returns at once and leaves no descriptor behind.
+func TestDiscardNeverBlocks(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close() // never accepts: the connection's window closes
+	before := openFDs(t)
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := l.Addr().(*net.TCPAddr)
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Port: a.Port, Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	unix.SetNonblock(fd, true)
+	buf := make([]byte, 1<<16)
+	for i := 0; i < 1000; i++ {
+		if _, err := unix.Write(fd, buf); err != nil {
+			break // the send buffer is full
+		}
+	}
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 3600}); err != nil {
+		t.Fatal(err)
+	}
+	unix.SetNonblock(fd, false)
+	start := time.Now()
+	Discard([]int{fd})
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("Discard blocked for %s", d)
+	}
+	if after := openFDs(t); after != before {
+		t.Fatalf("fd count %d, want %d", after, before)
+	}
+}

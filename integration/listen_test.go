@@ -407,9 +407,11 @@ func TestListenStandalone(t *testing.T) {
 // PITFALLS #2: a worker starts with exactly its stdio and the handoff
 // channel; no descriptor of the master leaks into it.
 func TestWorkerInheritsOnlyItsDescriptors(t *testing.T) {
-	p, report := twMaster(t, 2, "listen tcp 127.0.0.1:0", masterOpts{})
-	p.upgrade(30 * time.Second) // workers spawned while others run
-	rs := waitReports(t, report, 10*time.Second, "fd reports", func(rs []twReport) bool { return len(opsOf(rs, "fds", 0)) == 4 })
+	pidFile := filepath.Join(t.TempDir(), "pid")
+	p, report := twMaster(t, 2, "listen tcp 127.0.0.1:0", masterOpts{args: []string{"--pid-file", pidFile}})
+	p.upgrade(30 * time.Second)  // workers spawned while others run
+	masterUpgrade(t, p, pidFile) // and by a successor master
+	rs := waitReports(t, report, 10*time.Second, "fd reports", func(rs []twReport) bool { return len(opsOf(rs, "fds", 0)) == 6 })
 	for _, r := range opsOf(rs, "fds", 0) {
 		if !slices.Equal(r.FDs, []int{0, 1, 2, 3}) || r.Env != "3" {
 			t.Errorf("worker %d (generation %d) started with fds %v, GOROLLING_FD=%s; want [0 1 2 3] and 3", r.PID, r.Gen, r.FDs, r.Env)

@@ -10,16 +10,14 @@ import (
 	"github.com/gorolling/gorolling/master/events"
 )
 
-// TestProtocolViolations: workers that send garbage, descriptors, too many
-// descriptors, master-only messages, out-of-range requests or requests
-// whose replies they never read are logged and stopped; the master neither dies nor leaks a descriptor: once
+// TestProtocolViolations: workers that send garbage, master-only messages,
+// out-of-range requests or requests whose replies they never read are
+// logged and stopped; the master neither dies nor leaks a descriptor: once
 // a well-behaved worker has replaced them it holds as many descriptors as
 // a master that never met a bad worker.
 func TestProtocolViolations(t *testing.T) {
 	bad := []struct{ op, reason string }{
 		{`raw {not json`, "malformed"},
-		{`rawfd {"v":1,"type":"hello","seq":1}`, "sent 3 file descriptors"},
-		{`rawmanyfd {"v":1,"type":"hello","seq":1}`, "truncated"},
 		{`raw {"v":1,"type":"drain","timeout_ms":5}`, "only the master sends"},
 		{`raw {"v":1,"type":"listen","seq":1,"listen":{"network":"tcp","address":":1","index":99999}}`, "out of range"},
 		{`raw {"v":7,"type":"ready","seq":1}`, "unsupported protocol version"},
@@ -89,5 +87,32 @@ func TestHandoffFloodThrottled(t *testing.T) {
 	}
 	if n := p.count(isEvent(events.WorkerViolation)); n != 0 {
 		t.Errorf("a worker sending valid requests quickly was stopped")
+	}
+}
+
+// TestWorkerCannotSendDescriptors: a worker has no descriptor to give the
+// master. Where the kernel can (SO_PASSRIGHTS, Linux 6.16), it refuses
+// them: the worker's sendmsg fails with EPERM and the master sees nothing.
+// On older kernels the master discards what arrives and stops the worker.
+// Either way the master holds no more descriptors than before.
+func TestWorkerCannotSendDescriptors(t *testing.T) {
+	p, report := twMaster(t, 2, `slot1: rawfd {"v":1,"type":"hello","seq":1}; slot1: rawmanyfd {"v":1,"type":"hello","seq":2}; listen tcp 127.0.0.1:0`, masterOpts{})
+	rs := waitReports(t, report, 10*time.Second, "the sends", func(rs []twReport) bool { return len(opsOf(rs, "rawmanyfd", 1)) == 1 })
+	time.Sleep(300 * time.Millisecond)
+	refused := 0
+	for _, r := range append(opsOf(rs, "rawfd", 1), opsOf(rs, "rawmanyfd", 1)...) {
+		if strings.Contains(r.Err, "operation not permitted") {
+			refused++
+		}
+	}
+	violations := p.count(isEvent(events.WorkerViolation))
+	t.Logf("%d of 2 sends refused by the kernel, %d violations logged", refused, violations)
+	if refused == 0 && violations == 0 {
+		t.Fatal("descriptors sent by a worker were neither refused nor treated as a violation")
+	}
+	control, _ := twMaster(t, 2, "listen tcp 127.0.0.1:0", masterOpts{})
+	time.Sleep(300 * time.Millisecond)
+	if got, want := fdCount(t, p.pid), fdCount(t, control.pid); got != want {
+		t.Fatalf("master holds %d descriptors after a worker sent some (%v); a master that met none holds %d", got, fdKinds(t, p.pid), want)
 	}
 }

@@ -467,11 +467,23 @@ func TestAttackBrokenGorollingBinary(t *testing.T) {
 		t.Errorf("master holds %d descriptors after 3 failed master upgrades, %d before (%v)", n, baseFDs, fdKinds(t, p.pid))
 	}
 
-	// A fixed binary is tried again by the next HUP.
+	// A fixed binary is tried again by the next HUP, and the new master
+	// gets this master's state, not one a failed try left queued: the
+	// numbering goes on and its pid is known.
 	replaceFile(t, gr, good)
 	from = len(p.entries())
 	p.signal(syscall.SIGHUP)
-	p.waitLog(60*time.Second, from, "the new master", isEvent(events.MasterUpgradeServing))
+	e, _ = p.waitLog(60*time.Second, from, "the old master's view of the upgrade", isEvent(events.MasterUpgradeReady))
+	if e.num("new_pid") <= 0 {
+		t.Errorf("the new master's pid is unknown: %v", e)
+	}
+	st = statusOf(t, p.controlPath())
+	if int(st["pid"].(float64)) != e.num("new_pid") || int(st["generation"].(float64)) != 4 {
+		t.Errorf("after the good master upgrade: pid %v generation %v, want %d and 4", st["pid"], st["generation"], e.num("new_pid"))
+	}
+	if _, gen := get(t, addr); gen != 4 {
+		t.Errorf("generation %d serves, want 4", gen)
+	}
 	l.requireNoFailures(t)
 }
 

@@ -67,7 +67,8 @@ type Generation struct {
 // GOROLLING_SLOT, reused by the next generation.
 type slot struct {
 	index     int
-	w         *Worker // the current worker, or the last one while a respawn waits
+	w         *Worker                  // the current worker, or the last one while a respawn waits
+	pinned    map[handoff.Key]struct{} // the last worker's keys, held until w is ready
 	backoff   backoff
 	timer     timer
 	restarts  int
@@ -131,19 +132,13 @@ func (m *Master) startSlot(g *Generation, s *slot) error {
 	}
 	g.live++ // counted before the fork, so that a drain waits for it
 	m.mu.Unlock()
-	w, err := m.spawn(g, s.index)
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if err != nil {
+	if _, err := m.spawn(g, s); err != nil {
+		m.mu.Lock()
 		g.live--
 		m.notifyLocked()
+		m.mu.Unlock()
 		return err
 	}
-	s.w = w
-	if g.state >= GenDraining {
-		m.drainLocked(w) // a drain began while we forked
-	}
-	m.notifyLocked()
 	return nil
 }
 
@@ -159,6 +154,7 @@ func (m *Master) workerReady(w *Worker, via string) {
 	for _, s := range w.gen.slots {
 		if s.w == w {
 			s.everReady = true
+			s.pinned = nil
 		}
 	}
 	w.log.Info("worker ready", events.Key, events.WorkerReady, "duration", w.readyAt.Sub(w.spawnedAt), "via", via)
@@ -181,6 +177,9 @@ func (m *Master) workerExited(w *Worker, desc string) {
 		if sl.w == w {
 			s = sl
 		}
+	}
+	if s != nil {
+		s.pinned = nil // the exited worker itself now holds what its slot needs
 	}
 	uptime := m.cfg.clock.Now().Sub(w.spawnedAt)
 	switch {
@@ -376,13 +375,17 @@ func (m *Master) collect() {
 	}
 	inUse := make(map[handoff.Key]bool)
 	for _, g := range m.gens {
-		// The last worker of each slot counts even if it has exited: a
-		// slot waiting for its respawn will ask for the same sockets.
+		// The last worker of each slot counts even if it has exited, and
+		// its keys stay pinned until its replacement is ready: a slot
+		// waiting for its respawn will ask for the same sockets.
 		for _, s := range g.slots {
 			if s.w != nil {
 				for k := range s.w.keys {
 					inUse[k] = true
 				}
+			}
+			for k := range s.pinned {
+				inUse[k] = true
 			}
 		}
 	}

@@ -88,16 +88,23 @@ type Worker struct {
 	violated bool
 	killer   timer           // the SIGKILL a drain or a violation scheduled
 	status   string          // the last STATUS= the worker sent
+	statusAt time.Time       // when a STATUS= was last logged at info level
 	logged   map[string]bool // warnings already logged once for this worker
 }
 
-// spawn starts one worker in slot of g. Called without m.mu held.
-func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
+// spawn starts one worker in slot s of g and makes it the slot's worker
+// before it can ask for anything, so that a collection sees its sockets
+// from its first request. Called without m.mu held.
+func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
+	slot := s.index
 	conn, wf, err := handoff.Pair()
 	if err != nil {
 		return nil, err
 	}
 	conn.SetWriteTimeout(sendTimeout)
+	// A worker has no descriptor to give the master; on kernels that can,
+	// refuse them outright (older ones: serve discards what arrives).
+	_ = conn.RefuseDescriptors()
 	m.mu.Lock()
 	m.nextID++
 	id := m.nextID
@@ -126,18 +133,18 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 	var files []*os.File
 	if len(preopened) > 0 {
 		names := make([]string, len(preopened))
-		for i, s := range preopened {
-			names[i] = s.Name
+		for i, p := range preopened {
+			names[i] = p.Name
 			// A fresh duplicate wrapped by os.NewFile: its Fd(), which
 			// starting the process calls, leaves O_NONBLOCK alone (it
 			// would switch a File that set non-blocking mode itself to
 			// blocking, for every holder of the socket).
-			d, err := s.Dup()
+			d, err := p.Dup()
 			if err != nil {
 				ns.Close()
-				return fail(fmt.Errorf("pass %s to a worker: %w", s.Addr, err), files...)
+				return fail(fmt.Errorf("pass %s to a worker: %w", p.Addr, err), files...)
 			}
-			files = append(files, os.NewFile(uintptr(d), s.Name))
+			files = append(files, os.NewFile(uintptr(d), p.Name))
 		}
 		extra = append(extra, "LISTEN_FDS="+strconv.Itoa(len(files)), "LISTEN_FDNAMES="+strings.Join(names, ":"))
 		// LISTEN_PID must be the worker's own pid, which is unknown
@@ -169,6 +176,18 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 	}
 	w.proc, w.pid = proc, proc.Pid()
 	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
+	m.mu.Lock()
+	if prev := s.w; prev != nil {
+		// The predecessor's sockets stay held until this worker is ready:
+		// it will most likely ask for the same ones.
+		s.pinned = prev.keys
+	}
+	s.w = w
+	if g.state >= GenDraining {
+		m.drainLocked(w) // a drain began while we forked
+	}
+	m.notifyLocked()
+	m.mu.Unlock()
 	w.log.Info("worker online", events.Key, events.WorkerOnline)
 	go w.serve()
 	go ns.Serve(w.pid, notifyHandler{w})
@@ -183,9 +202,14 @@ func (m *Master) spawn(g *Generation, slot int) (*Worker, error) {
 func (w *Worker) wait() {
 	desc, _ := w.proc.Wait()
 	// Close the master's end now: a listener fd still unread in the
-	// channel's buffer stays referenced until then.
-	w.conn.Close()
-	w.notify.Close()
+	// channel's buffer stays referenced until then. The closes run on their
+	// own goroutine: on kernels that cannot refuse a worker's descriptors,
+	// closing a channel that still queues one runs that descriptor's final
+	// close, which a hostile worker can make block.
+	go func() {
+		w.conn.Close()
+		w.notify.Close()
+	}()
 	w.m.mu.Lock()
 	if w.killer != nil {
 		w.killer.Stop()
@@ -257,9 +281,7 @@ func (w *Worker) serve() {
 			return
 		}
 		if len(fds) > 0 {
-			for _, fd := range fds {
-				unix.Close(fd)
-			}
+			handoff.Discard(fds)
 			w.violation(fmt.Sprintf("sent %d file descriptors", len(fds)))
 			return
 		}
@@ -409,14 +431,26 @@ type notifyHandler struct{ w *Worker }
 
 func (h notifyHandler) Ready() { h.w.m.workerReady(h.w, "notify") }
 
+// statusLogEvery bounds how often one worker's STATUS= reaches the log at
+// info level; the others go to debug (status always shows the latest).
+const statusLogEvery = 10 * time.Second
+
 func (h notifyHandler) Status(text string) {
 	m := h.w.m
+	now := m.cfg.clock.Now()
 	m.mu.Lock()
 	changed := h.w.status != text
 	h.w.status = text
+	loud := changed && now.Sub(h.w.statusAt) >= statusLogEvery
+	if loud {
+		h.w.statusAt = now
+	}
 	m.mu.Unlock()
-	if changed {
+	switch {
+	case loud:
 		h.w.log.Info("worker status", events.Key, events.WorkerStatus, "status", text)
+	case changed:
+		h.w.log.Debug("worker status", events.Key, events.WorkerStatus, "status", text)
 	}
 }
 

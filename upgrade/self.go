@@ -72,8 +72,10 @@ type Self struct {
 	// rendezvous is the end of the state socketpair this master keeps; the
 	// other end sits in tableflip's inventory for every successor. Made on
 	// the first self-upgrade and reused by every later try, so a failed
-	// try leaves nothing behind in the inventory.
-	rendezvous *os.File
+	// try leaves nothing behind in the inventory. peer is this master's
+	// own copy of the other end: what a failed successor never read is
+	// queued there, and is discarded through it before the next try.
+	rendezvous, peer *os.File
 
 	mu         sync.Mutex
 	parentGone bool
@@ -118,6 +120,13 @@ func NewSelf(cfg SelfConfig) (*Self, error) {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
 	s := &Self{upg: upg, log: cfg.Logger, parentPID: os.Getppid(), serviceStarted: time.Now()}
+	if upg.HasParent() {
+		// tableflip leaves its two pipes on fds 3 and 4 without
+		// close-on-exec: every worker this master starts would inherit
+		// them.
+		unix.CloseOnExec(3)
+		unix.CloseOnExec(4)
+	}
 	if unix.Stat("/proc/self/exe", &s.exe) == nil {
 		s.exeOK = true
 	}
@@ -297,22 +306,26 @@ func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
 		}
 		// tableflip keeps a duplicate for every successor; under the same
 		// name it replaces what this master inherited.
-		err = s.upg.AddFile(stateFile, give)
-		give.Close()
-		if err != nil {
+		if err := s.upg.AddFile(stateFile, give); err != nil {
 			keep.Close()
+			give.Close()
 			return 0, fmt.Errorf("upgrade: pass state: %w", err)
 		}
-		s.rendezvous = keep
+		s.rendezvous, s.peer = keep, give
 	}
 	rz, err := rawFD(s.rendezvous)
 	if err != nil {
 		return 0, err
 	}
-	// A stream a failed successor never took would hold its sockets.
-	handoff.DiscardBundle(rz)
+	peer, err := rawFD(s.peer)
+	if err != nil {
+		return 0, err
+	}
+	// A stream a failed successor never took would hold the sockets in
+	// flight, and the next successor would read it instead of its own.
+	handoff.DiscardBundle(peer)
 	defer func() {
-		handoff.DiscardBundle(rz)
+		handoff.DiscardBundle(peer)
 		// tableflip leaves the pipes of a failed child to the garbage
 		// collector; collect them now rather than at some later GC.
 		runtime.GC()

@@ -43,9 +43,15 @@ import (
 // for the worker, and a socket's owner (which SO_REUSEPORT compares) is the
 // worker.
 
-// runAsMu serialises RunAs: the process's dumpable flag, which a credential
-// change resets, is restored by the caller once the thread is done.
-var runAsMu sync.Mutex
+// A credential change resets the process's dumpable flag (it belongs to
+// the whole process). The last RunAs to finish sets it back to what it was
+// before the first began; calls run concurrently, so that one path lookup
+// that hangs (a dead network mount) holds up only its own caller.
+var dumpable struct {
+	sync.Mutex
+	active int
+	saved  int
+}
 
 // RunAs runs fn on a fresh OS thread whose effective uid, gid and
 // supplementary groups are a's (a nil a keeps the master's) and whose umask
@@ -54,9 +60,12 @@ var runAsMu sync.Mutex
 // work: they run elsewhere. RunAs blocks until fn returns and returns fn's
 // error. A panic in fn is returned as an error.
 func RunAs(a *Account, umask int, fn func() error) error {
-	runAsMu.Lock()
-	defer runAsMu.Unlock()
-	dumpable, _ := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
+	dumpable.Lock()
+	if dumpable.active == 0 {
+		dumpable.saved, _ = unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0)
+	}
+	dumpable.active++
+	dumpable.Unlock()
 	done := make(chan error, 1)
 	tid := make(chan int, 1)
 	onDoomedThread(func() {
@@ -89,9 +98,11 @@ func RunAs(a *Account, umask int, fn func() error) error {
 		}
 		time.Sleep(50 * time.Microsecond)
 	}
-	if dumpable == 1 {
+	dumpable.Lock()
+	if dumpable.active--; dumpable.active == 0 && dumpable.saved == 1 {
 		_ = unix.Prctl(unix.PR_SET_DUMPABLE, 1, 0, 0, 0)
 	}
+	dumpable.Unlock()
 	return err
 }
 

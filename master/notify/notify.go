@@ -26,6 +26,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/account"
 	"github.com/gorolling/gorolling/master/procfs"
 	"golang.org/x/sys/unix"
@@ -88,6 +89,11 @@ func Open(dir string, id int, owner *account.Account) (*Socket, error) {
 			err = serr
 		}
 	}
+	if err == nil {
+		// Descriptors have no business here (FDSTORE= is not supported):
+		// refuse them where the kernel can, discard them where not.
+		_ = handoff.RefuseDescriptors(rc)
+	}
 	if err == nil && owner != nil {
 		err = os.Lchown(path, int(owner.UID), int(owner.GID))
 	}
@@ -134,9 +140,7 @@ func (s *Socket) Serve(pid int, h Handler) {
 		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 			for _, cm := range msgs {
 				if fds, err := unix.ParseUnixRights(&cm); err == nil {
-					for _, fd := range fds {
-						unix.Close(fd) // FDSTORE= is not supported
-					}
+					handoff.Discard(fds) // FDSTORE= is not supported
 				} else if c, err := unix.ParseUnixCredentials(&cm); err == nil {
 					cred = c
 				}

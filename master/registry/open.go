@@ -17,20 +17,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// open creates the socket for k. Called with r.mu held. With as set, every
-// path and bind operation runs with that account's credentials, so the
-// kernel applies its own rules to it (see account.RunAs). umask >= 0 gives
-// the socket file a mode from birth (0777 &^ umask); the master's other
-// threads keep their own umask.
-func (r *Registry) open(k handoff.Key, as *account.Account, umask int) (*Socket, error) {
+// openSocket creates the socket for k, on the port of an earlier
+// socket of the same key if havePort. With as set, every path and bind
+// operation runs with that account's credentials, so the kernel applies its
+// own rules to it (see account.RunAs). It is called without the registry's
+// lock.
+func openSocket(k handoff.Key, port int, havePort bool, as *account.Account) (*Socket, error) {
 	addr := k.Address
-	port0 := false
-	pk := k.Shared() // port-0 assignments are shared by a group's members
-	if !strings.HasPrefix(k.Network, "unix") && k.Port() == 0 {
-		port0 = true
-		if p, ok := r.ports[pk]; ok {
-			addr = k.WithPort(p)
-		}
+	if havePort && !strings.HasPrefix(k.Network, "unix") && k.Port() == 0 {
+		addr = k.WithPort(port)
 	}
 	path := ""
 	if strings.HasPrefix(k.Network, "unix") && !strings.HasPrefix(k.Address, "@") {
@@ -56,11 +51,8 @@ func (r *Registry) open(k handoff.Key, as *account.Account, umask int) (*Socket,
 		return nil
 	}
 	var err error
-	if as != nil || umask >= 0 {
-		if umask < 0 {
-			umask = procfs.Umask()
-		}
-		err = account.RunAs(as, umask, bind)
+	if as != nil {
+		err = account.RunAs(as, procfs.Umask(), bind)
 	} else {
 		err = bind()
 	}
@@ -68,12 +60,114 @@ func (r *Registry) open(k handoff.Key, as *account.Account, umask int) (*Socket,
 		return nil, explainDenied(as, err)
 	}
 	s.Key, s.path, s.packet, s.owner = k, path, k.Packet, as
-	if port0 {
-		if _, p, err := net.SplitHostPort(s.Addr); err == nil {
-			r.ports[pk], _ = strconv.Atoi(p)
+	return s, nil
+}
+
+// openUnixAsMaster creates the socket of a --listen unix key k itself,
+// with the master's rights, without following a symlink as root: the
+// directory is opened once without symlinks, and the stale-socket probe and
+// the bind use names relative to it, on a thread whose working directory is
+// that directory (its filesystem context is private, see account.RunAs).
+// umask >= 0 gives the file its mode from birth. listen(2) runs with the
+// workers' credentials when they run as another account, so that a client
+// checking who serves the socket (SO_PEERCRED) sees the workers' account,
+// not root: they serve it. An abstract socket (@name) has no directory.
+func (r *Registry) openUnixAsMaster(k handoff.Key, umask int) (*Socket, error) {
+	typ := unixType(k.Network)
+	dfd, base := -1, k.Address
+	if !strings.HasPrefix(k.Address, "@") {
+		var dir string
+		dir, base = filepath.Split(k.Address)
+		var err error
+		if dfd, err = account.OpenDirNoFollow(dir); err != nil {
+			if errors.Is(err, unix.ELOOP) || errors.Is(err, unix.EXDEV) {
+				real, _ := filepath.EvalSymlinks(dir)
+				return nil, fmt.Errorf("the path %s goes through a symlink; give the path it points to (%s): the master never follows a link as root", dir, filepath.Join(real, base))
+			}
+			return nil, fmt.Errorf("open %s: %w", dir, err)
+		}
+		defer unix.Close(dfd)
+	}
+	if umask < 0 {
+		umask = procfs.Umask()
+	}
+	fd := -1
+	err := account.RunAs(nil, umask, func() error {
+		if dfd >= 0 {
+			if err := unix.Fchdir(dfd); err != nil {
+				return err
+			}
+			if err := clearStaleUnix(k.Network, base); err != nil {
+				return err
+			}
+		}
+		var err error
+		if fd, err = unix.Socket(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0); err != nil {
+			return os.NewSyscallError("socket", err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrUnix{Name: base}); err != nil {
+			unix.Close(fd)
+			fd = -1
+			return &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: bind: %v", k.Network, k.Address, err)}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &Socket{fd: fd, Network: k.Network, Addr: k.Address, Key: k, packet: k.Packet}
+	if dfd >= 0 {
+		s.path = k.Address
+	}
+	fail := func(err error) (*Socket, error) {
+		s.close(true)
+		return nil, err
+	}
+	if dfd >= 0 {
+		var st unix.Stat_t
+		if err := unix.Fstatat(dfd, base, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return fail(err)
+		}
+		s.ino = st.Ino
+	}
+	if typ != unix.SOCK_DGRAM {
+		listen := func() error { return os.NewSyscallError("listen", unix.Listen(fd, backlog())) }
+		if r.opt.Owner != nil {
+			err = account.RunAs(r.opt.Owner, 0o077, listen)
+		} else {
+			err = listen()
+		}
+		if err != nil {
+			return fail(err)
+		}
+	}
+	if dfd >= 0 && r.opt.Owner != nil {
+		if err := chownSocketFile(dfd, base, s.ino, r.opt.Owner); err != nil {
+			return fail(fmt.Errorf("give %s to %s: %w", k.Address, r.opt.Owner.User, err))
 		}
 	}
 	return s, nil
+}
+
+func unixType(network string) int {
+	switch network {
+	case "unixpacket":
+		return unix.SOCK_SEQPACKET
+	case "unixgram":
+		return unix.SOCK_DGRAM
+	}
+	return unix.SOCK_STREAM
+}
+
+// backlog is the listen backlog Go itself uses: net.core.somaxconn.
+func backlog() int {
+	b, err := os.ReadFile("/proc/sys/net/core/somaxconn")
+	if err == nil {
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && n > 0 {
+			return min(n, 65535)
+		}
+	}
+	return 4096
 }
 
 // bindSocket creates, binds and (for streams) listens on the socket of k
@@ -156,14 +250,7 @@ func clearStaleUnix(network, path string) error {
 	if err := unix.Lstat(path, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
 		return nil // absent, unreachable or not a socket: bind reports the real error
 	}
-	typ := unix.SOCK_STREAM
-	switch network {
-	case "unixpacket":
-		typ = unix.SOCK_SEQPACKET
-	case "unixgram":
-		typ = unix.SOCK_DGRAM
-	}
-	fd, err := unix.Socket(unix.AF_UNIX, typ|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+	fd, err := unix.Socket(unix.AF_UNIX, unixType(network)|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
 		return &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: probe for a stale socket: %v", network, path, err)}
 	}
@@ -211,38 +298,24 @@ func removeSocketFile(path string, ino uint64, owner *account.Account) {
 	}
 }
 
-// chownSocketFile gives the socket file the master just bound at path to
-// a, without following a symlink anywhere on the way: the directory (its
-// symlinks resolved once, as the operator set them up) is opened without
-// symlinks, and the file itself is pinned by an O_PATH descriptor and
-// checked to be what bind made (a socket with one link, owned by the
-// master) before its owner changes. A hard link to another file, or a file
-// swapped in meanwhile, is refused. It returns the file's inode.
-func chownSocketFile(path string, a *account.Account) (uint64, error) {
-	dir, base := filepath.Split(path)
-	real, err := filepath.EvalSymlinks(dir)
-	if err != nil {
-		return 0, err
-	}
-	dfd, err := account.OpenDirNoFollow(real)
-	if err != nil {
-		return 0, fmt.Errorf("open %s: %w", dir, err)
-	}
-	defer unix.Close(dfd)
+// chownSocketFile gives the socket file the master just bound, base in
+// the directory dfd (opened without symlinks), to a. The file is pinned by
+// an O_PATH descriptor opened without following a symlink and checked to
+// be what bind made (a socket with one link, owned by the master, inode
+// ino) before its owner changes: a hard link to another file, or a file
+// swapped in meanwhile, is refused.
+func chownSocketFile(dfd int, base string, ino uint64, a *account.Account) error {
 	fd, err := unix.Openat(dfd, base, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return 0, fmt.Errorf("open %s: %w", path, err)
+		return err
 	}
 	defer unix.Close(fd)
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return 0, err
+		return err
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Nlink != 1 || int(st.Uid) != os.Geteuid() {
-		return 0, fmt.Errorf("%s is no longer the socket file just bound (replaced while it was set up)", path)
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK || st.Nlink != 1 || int(st.Uid) != os.Geteuid() || st.Ino != ino {
+		return fmt.Errorf("%s is no longer the socket file just bound (replaced while it was set up)", base)
 	}
-	if err := unix.Fchownat(fd, "", int(a.UID), int(a.GID), unix.AT_EMPTY_PATH); err != nil {
-		return 0, err
-	}
-	return st.Ino, nil
+	return unix.Fchownat(fd, "", int(a.UID), int(a.GID), unix.AT_EMPTY_PATH)
 }

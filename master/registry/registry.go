@@ -29,6 +29,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/account"
@@ -108,9 +109,11 @@ type Registry struct {
 
 	mu        sync.Mutex
 	sockets   map[handoff.Key]*Socket
-	ports     map[handoff.Key]int // port-0 keys -> the port first assigned
-	preopened []*Socket           // in LISTEN_FDS order
+	opening   map[handoff.Key]chan struct{} // opens in progress, closed when done
+	ports     map[handoff.Key]int           // port-0 keys -> the port assigned
+	preopened []*Socket                     // in LISTEN_FDS order
 	closed    bool
+	removing  sync.WaitGroup // socket files being removed
 }
 
 // New returns an empty registry.
@@ -118,6 +121,7 @@ func New(opt Options) *Registry {
 	return &Registry{
 		opt:     opt,
 		sockets: make(map[handoff.Key]*Socket),
+		opening: make(map[handoff.Key]chan struct{}),
 		ports:   make(map[handoff.Key]int),
 	}
 }
@@ -161,15 +165,28 @@ func lookup(k handoff.Key) handoff.Key {
 func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.closed {
-		return -1, nil, ErrClosed
-	}
-	s := r.sockets[lookup(k)]
-	if s == nil {
-		if mk, ok := r.MemberKey(k, slot); ok {
-			k = mk
-			s = r.sockets[k]
+	var s *Socket
+	for {
+		if r.closed {
+			return -1, nil, ErrClosed
 		}
+		s = r.sockets[lookup(k)]
+		if s == nil {
+			if mk, ok := r.MemberKey(k, slot); ok {
+				k = mk
+				s = r.sockets[k]
+			}
+		}
+		wait, busy := r.opening[k]
+		if s != nil || !busy {
+			break
+		}
+		// Another request opens this socket: wait for it without holding
+		// the lock, so that a path lookup that hangs (a dead network
+		// mount a worker named) holds up only the requests for that path.
+		r.mu.Unlock()
+		<-wait
+		r.mu.Lock()
 	}
 	if s == nil {
 		if k.Network == "fd" {
@@ -178,11 +195,28 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 		if n := r.openedLocked(); r.opt.Max > 0 && n >= r.opt.Max {
 			return -1, nil, &Error{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
 		}
+		done := make(chan struct{})
+		r.opening[k] = done
+		port, havePort := r.ports[k.Shared()]
+		r.mu.Unlock()
 		var err error
-		if s, err = r.open(k, r.opt.Owner, -1); err != nil {
+		s, err = openSocket(k, port, havePort, r.opt.Owner)
+		r.mu.Lock()
+		delete(r.opening, k)
+		close(done)
+		if err != nil {
 			return -1, nil, err
 		}
+		if r.closed {
+			s.close(true)
+			return -1, nil, ErrClosed
+		}
 		r.sockets[k] = s
+		if k.Port() == 0 && !strings.HasPrefix(k.Network, "unix") {
+			if _, p, err := net.SplitHostPort(s.Addr); err == nil {
+				r.ports[k.Shared()], _ = strconv.Atoi(p)
+			}
+		}
 	}
 	if k.Network == "fd" {
 		if err := handoff.CheckListener(s.fd, k.Packet); err != nil {
@@ -283,26 +317,24 @@ func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
 	if r.sockets[k] != nil {
 		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
 	}
-	umask := -1
-	if ls.Mode != 0 {
-		umask = int(0o777 &^ ls.Mode)
+	var s *Socket
+	if strings.HasPrefix(k.Network, "unix") {
+		umask := -1
+		if ls.Mode != 0 {
+			umask = int(0o777 &^ ls.Mode)
+		}
+		s, err = r.openUnixAsMaster(k, umask)
+	} else {
+		s, err = openSocket(k, 0, false, nil) // with the master's own rights
 	}
-	s, err := r.open(k, nil, umask)
 	if err != nil {
 		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
 	}
-	if s.path != "" && r.opt.Owner != nil {
-		ino, err := chownSocketFile(s.path, r.opt.Owner)
-		if err != nil {
-			s.close(true)
-			return nil, fmt.Errorf("--listen %q: give the socket file to %s: %w", ls.Spec, r.opt.Owner.User, err)
-		}
-		s.ino = ino
-	}
 	if k.Port() == 0 && !strings.HasPrefix(k.Network, "unix") {
+		// Registered under the port it got, so that a worker's Listen on
+		// that address shares it.
 		if _, port, err := net.SplitHostPort(s.Addr); err == nil {
 			n, _ := strconv.Atoi(port)
-			delete(r.ports, k.Shared())
 			k.Address = k.WithPort(n)
 			s.Key = k
 		}
@@ -389,9 +421,12 @@ func describe(fd, dom, typ int) (string, string) {
 }
 
 // Collect closes every socket opened on workers' requests for which inUse
-// reports false, and removes the unix socket files of those it closes.
-// Port-0 assignments are kept, so a later request for the same key binds
-// the same port again. inUse runs with the registry locked.
+// reports false, and forgets the port-0 assignments no socket uses any
+// more (a later request binds a new port), so that a worker asking for ever
+// new addresses cannot grow the registry. The unix socket files of the
+// sockets it closes are removed in the background: a path that hangs must
+// not hold up the master, and a file is removed only while it is still the
+// one the registry created. inUse runs with the registry locked.
 func (r *Registry) Collect(inUse func(handoff.Key) bool) []*Socket {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -401,10 +436,37 @@ func (r *Registry) Collect(inUse func(handoff.Key) bool) []*Socket {
 			continue
 		}
 		delete(r.sockets, k)
-		s.close(true)
+		s.close(false)
+		r.removeLater(s)
 		gone = append(gone, s)
 	}
+	if len(gone) > 0 {
+		used := map[handoff.Key]bool{}
+		for k := range r.sockets {
+			used[k.Shared()] = true
+		}
+		for k := range r.opening {
+			used[k.Shared()] = true
+		}
+		for pk := range r.ports {
+			if !used[pk] {
+				delete(r.ports, pk)
+			}
+		}
+	}
 	return gone
+}
+
+// removeLater removes s's socket file in the background.
+func (r *Registry) removeLater(s *Socket) {
+	if s.path == "" {
+		return
+	}
+	r.removing.Add(1)
+	go func() {
+		defer r.removing.Done()
+		removeSocketFile(s.path, s.ino, s.owner)
+	}()
 }
 
 // Sockets returns the registered sockets, sorted by key.
@@ -420,18 +482,27 @@ func (r *Registry) Sockets() []*Socket {
 }
 
 // Close closes every socket. With removeFiles it also removes the unix
-// socket files the registry created (a final stop); without, the files
-// stay for a successor that holds the same sockets. Acquire fails
-// afterwards. Close is idempotent.
+// socket files the registry created (a final stop), waiting at most 5 s
+// for them; without, the files stay for a successor that holds the same
+// sockets. Acquire fails afterwards. Close is idempotent.
 func (r *Registry) Close(removeFiles bool) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
 	for k, s := range r.sockets {
-		s.close(removeFiles)
+		s.close(false)
+		if removeFiles {
+			r.removeLater(s)
+		}
 		delete(r.sockets, k)
 	}
 	r.preopened = nil
 	r.closed = true
+	r.mu.Unlock()
+	done := make(chan struct{})
+	go func() { r.removing.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+	}
 }
 
 func (s *Socket) close(removeFile bool) {

@@ -43,7 +43,10 @@ func cloexec(t *testing.T, fd int) bool {
 	return fl&unix.FD_CLOEXEC != 0
 }
 
-func TestRegistrySharesAndKeepsPort0(t *testing.T) {
+// TestRegistrySharesPort0: the k-th port-0 request of every worker gets
+// the same socket while anyone holds it; once nobody does, the socket is
+// closed and its port forgotten.
+func TestRegistrySharesPort0(t *testing.T) {
 	r := New(Options{})
 	defer r.Close(true)
 	k0 := key(t, "tcp", "127.0.0.1:0", 0)
@@ -70,9 +73,7 @@ func TestRegistrySharesAndKeepsPort0(t *testing.T) {
 	}
 	unix.Close(d1)
 	unix.Close(d2)
-	addr := s1.Addr
-	// Nobody holds index 0 any more: it is closed, and re-opened on the
-	// same port when asked again.
+	// Nobody holds index 0 any more: it is closed.
 	gone := r.Collect(func(k handoff.Key) bool { return k == k1 })
 	if len(gone) != 1 || gone[0] != s1 {
 		t.Fatalf("collected %v", gone)
@@ -82,8 +83,23 @@ func TestRegistrySharesAndKeepsPort0(t *testing.T) {
 		t.Fatal(err)
 	}
 	unix.Close(d)
-	if s.Addr != addr {
-		t.Fatalf("port-0 key re-opened on %s, first had %s", s.Addr, addr)
+	if s.Addr == "" {
+		t.Fatal("no address")
+	}
+	// The collected socket's port assignment is forgotten: a worker asking
+	// for ever new addresses cannot grow the registry.
+	r.mu.Lock()
+	n := len(r.ports)
+	r.mu.Unlock()
+	if n != 2 {
+		t.Fatalf("%d port assignments for 2 live port-0 keys", n)
+	}
+	r.Collect(func(handoff.Key) bool { return false })
+	r.mu.Lock()
+	n = len(r.ports)
+	r.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d port assignments kept for no socket", n)
 	}
 }
 
@@ -296,6 +312,7 @@ func TestRegistryOpensAsWorkers(t *testing.T) {
 	if len(gone) != 1 {
 		t.Fatalf("collected %d sockets", len(gone))
 	}
+	r.removing.Wait()
 	if _, err := os.Lstat(sock); !os.IsNotExist(err) {
 		t.Fatalf("socket file left after collection: %v", err)
 	}
@@ -324,6 +341,19 @@ func TestPreopenChownsWithoutFollowing(t *testing.T) {
 	if st.Mode&0o777 != 0o660 || st.Uid != a.UID {
 		t.Fatalf("--listen socket: mode %o owner %d, want 0660 and %d", st.Mode&0o777, st.Uid, a.UID)
 	}
+	// A client checking who serves it sees the workers' account, who do:
+	// not root, who only bound it.
+	c, err := net.Dial("unix", s.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, _ := c.(*net.UnixConn).SyscallConn()
+	var cred *unix.Ucred
+	rc.Control(func(fd uintptr) { cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED) })
+	c.Close()
+	if cred == nil || cred.Uid != a.UID {
+		t.Fatalf("the --listen socket's peer credentials say uid %v, want the workers' %d", cred, a.UID)
+	}
 	other := filepath.Join(dir, "other.sock")
 	l, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -337,11 +367,31 @@ func TestPreopenChownsWithoutFollowing(t *testing.T) {
 	if err := os.Link(other, link); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := chownSocketFile(link, a); err == nil {
+	var lst unix.Stat_t
+	unix.Lstat(link, &lst)
+	dfd, err := account.OpenDirNoFollow(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(dfd)
+	if err := chownSocketFile(dfd, "link.sock", lst.Ino, a); err == nil {
 		t.Fatal("chownSocketFile gave away a socket file with two links")
 	}
 	if err := unix.Lstat(other, &st); err != nil || st.Uid != 0 {
 		t.Fatalf("the linked file changed owner: %d %v", st.Uid, err)
+	}
+	// A --listen path through a symlink is refused: root never follows one.
+	real := t.TempDir()
+	sym := filepath.Join(dir, "sym")
+	if err := os.Symlink(real, sym); err != nil {
+		t.Fatal(err)
+	}
+	ls, _ = ParseListenSpec("unix://" + filepath.Join(sym, "x.sock"))
+	if _, err := r.Preopen(ls); err == nil || !strings.Contains(err.Error(), "symlink") || !strings.Contains(err.Error(), real) {
+		t.Fatalf("--listen through a symlink: %v", err)
+	}
+	if _, err := os.Lstat(filepath.Join(real, "x.sock")); !os.IsNotExist(err) {
+		t.Fatalf("a socket was bound behind the symlink: %v", err)
 	}
 }
 
