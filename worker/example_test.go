@@ -2,10 +2,12 @@ package worker_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log"
 	"net"
 	"net/http"
+	"syscall"
 	"time"
 
 	"github.com/gorolling/gorolling/worker"
@@ -28,18 +30,22 @@ func ExampleServeHTTP() {
 	}
 }
 
-// Two listens on port 0: every worker gets the same two ports, and so does
-// every later generation.
+// Two listens on port 0 get two ports. Under gorolling every worker gets
+// the same two, and so does every later generation; standalone (as here)
+// they are plain net.Listen sockets.
 func ExampleListen() {
 	api, err := worker.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		log.Fatal(err)
 	}
+	defer api.Close()
 	admin, err := worker.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		log.Fatal(err)
 	}
-	log.Printf("api on %s, admin on %s", api.Addr(), admin.Addr())
+	defer admin.Close()
+	fmt.Println("two ports:", api.Addr().String() != admin.Addr().String())
+	// Output: two ports: true
 }
 
 // A shared UDP socket: each datagram goes to one of the workers.
@@ -76,12 +82,29 @@ func ExampleListenConfig_exclusive() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	log.Printf("worker %d has its own port %s", worker.ID(), l.Addr())
+	defer l.Close()
+	fmt.Println("own socket:", l.Addr().Network())
+	// Output: own socket: tcp
 }
 
-// A server that is not HTTP: say ready once it serves, stop accepting when
-// draining begins, finish by the deadline.
+// Every listen error is a *net.OpError that unwraps to the errno, under
+// gorolling and standalone alike.
+func ExampleListen_errno() {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer busy.Close()
+	_, err = worker.Listen("tcp", busy.Addr().String())
+	var oe *net.OpError
+	fmt.Println(errors.As(err, &oe), errors.Is(err, syscall.EADDRINUSE))
+	// Output: true true
+}
+
+// A server that is not HTTP: catch the stop signal, say ready once it
+// serves, stop accepting when draining begins, finish by the deadline.
 func ExampleDraining() {
+	worker.HandleSignals() // the master sends SIGTERM after its drain message
 	l, err := worker.Listen("tcp", ":7000")
 	if err != nil {
 		log.Fatal(err)
@@ -103,11 +126,11 @@ func ExampleDraining() {
 	time.Sleep(time.Until(worker.DrainDeadline()) / 2)
 }
 
-// Identity, for logs and per-slot resources.
+// Identity, for logs and per-slot resources. Run standalone (as here), a
+// program is no worker and has slot -1.
 func ExampleSlot() {
-	if worker.IsWorker() {
-		log.Printf("slot %d, worker id %d, generation %d", worker.Slot(), worker.ID(), worker.Generation())
-	}
+	fmt.Printf("worker %v, slot %d, id %d, generation %d\n", worker.IsWorker(), worker.Slot(), worker.ID(), worker.Generation())
+	// Output: worker false, slot -1, id 0, generation 0
 }
 
 // Ready after a slow start: the master waits (up to --ready-timeout) before

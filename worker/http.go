@@ -2,7 +2,7 @@ package worker
 
 import (
 	"context"
-	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -25,6 +25,10 @@ type HTTPOptions struct {
 	// NoReady stops ServeHTTPWith from calling Ready: the program calls it
 	// itself, for example after other listeners are open too.
 	NoReady bool
+	// OwnSignals stops ServeHTTPWith from calling HandleSignals: the
+	// program handles SIGTERM and SIGINT itself (and should start its own
+	// drain on them: the master sends SIGTERM after the drain message).
+	OwnSignals bool
 }
 
 // ServeHTTP serves srv on every listener, tells the master the worker is
@@ -42,25 +46,35 @@ type HTTPOptions struct {
 // Shutdown does not track them; register their own shutdown with
 // srv.RegisterOnShutdown. HTTP/2 connections get a GOAWAY from Shutdown.
 //
-// It returns nil after a drain, or the first error a listener's Serve
-// returns. If srv.TLSConfig has certificates it serves TLS. ServeHTTP
-// installs a wrapper around srv.Handler and srv.ConnState (both keep
-// working) and must not be called twice with the same server. Outside
-// gorolling it serves until SIGTERM or SIGINT, then drains the same way.
+// It returns nil after a drain, the first error a listener's Serve
+// returns, or the error of srv.Shutdown if the connections outlived the
+// drain deadline (the server is then closed). If srv.TLSConfig has
+// certificates it serves TLS. ServeHTTP installs a wrapper around
+// srv.Handler and srv.ConnState (both keep working) and must not be called
+// twice with the same server. It calls HandleSignals (see
+// HTTPOptions.OwnSignals), so outside gorolling it serves until SIGTERM or
+// SIGINT, then drains the same way.
 func ServeHTTP(srv *http.Server, ls ...net.Listener) error {
-	return ServeHTTPWith(srv, HTTPOptions{}, ls...)
+	return std.serveHTTP(srv, HTTPOptions{}, ls...)
 }
 
 // ServeHTTPWith is ServeHTTP with options.
 func ServeHTTPWith(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error {
+	return std.serveHTTP(srv, opt, ls...)
+}
+
+func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error {
 	if len(ls) == 0 {
-		return errors.New("gorolling: ServeHTTP needs at least one listener")
+		return errNoListeners
 	}
 	grace := opt.Grace
 	if grace <= 0 {
 		grace = DefaultGrace
 	}
-	drainCh := Draining()
+	if !opt.OwnSignals {
+		p.handleSignals()
+	}
+	drainCh := p.draining()
 
 	var draining atomic.Bool
 	h := srv.Handler
@@ -113,7 +127,7 @@ func ServeHTTPWith(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error 
 	if !opt.NoReady {
 		// A failure here means the master is gone; the drain that follows
 		// handles it.
-		_ = Ready()
+		_ = p.ready()
 	}
 
 	running := len(ls)
@@ -142,7 +156,7 @@ func ServeHTTPWith(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error 
 	for ; running > 0; running-- {
 		<-errs
 	}
-	deadline := DrainDeadline()
+	deadline := p.drainDeadline()
 	if limit := time.Until(deadline) / 2; grace > limit {
 		grace = limit
 	}
@@ -170,6 +184,7 @@ func ServeHTTPWith(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error 
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {
 		srv.Close()
+		return fmt.Errorf("gorolling: connections outlived the drain deadline: %w", err)
 	}
 	return nil
 }

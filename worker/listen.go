@@ -14,12 +14,10 @@ import (
 	"github.com/gorolling/gorolling/handoff"
 )
 
-// ListenError is a listen the master could not satisfy. When the master's
-// bind failed it carries the real errno, so errors.Is(err,
-// syscall.EADDRINUSE) works as it does with net.Listen.
+// ListenError is the Err of a *net.OpError for a listen the master could
+// not satisfy. When the master's bind failed it carries the real errno, so
+// errors.Is(err, syscall.EADDRINUSE) works as it does with net.Listen.
 type ListenError struct {
-	// Network and Address are what the worker asked for.
-	Network, Address string
 	// Errno is the failure's errno, or 0 if it had none.
 	Errno syscall.Errno
 	// Msg is the master's description of the failure.
@@ -35,6 +33,29 @@ func (e *ListenError) Unwrap() error {
 		return nil
 	}
 	return e.Errno
+}
+
+// opError wraps err as a listen failure of network and address. err
+// unwraps to an errno wherever one applies.
+func opError(network, address string, err error) error {
+	var oe *net.OpError
+	if errors.As(err, &oe) {
+		return oe
+	}
+	return &net.OpError{Op: "listen", Net: network, Addr: addr(network, address), Err: err}
+}
+
+// listenAddr is the address asked for, as a net.Addr for an OpError.
+type listenAddr struct{ network, address string }
+
+func (a listenAddr) Network() string { return a.network }
+func (a listenAddr) String() string  { return a.address }
+
+func addr(network, address string) net.Addr {
+	if address == "" {
+		return nil
+	}
+	return listenAddr{network, address}
 }
 
 // ListenConfig holds listen options, like net.ListenConfig.
@@ -63,7 +84,8 @@ type ListenConfig struct {
 // instead of binding a new one.
 //
 // Closing the returned listener closes this worker's copy only; the
-// master's copy keeps the socket and its queued connections.
+// master's copy keeps the socket and its queued connections. Every error
+// is a *net.OpError whose Err unwraps to the errno where there is one.
 func Listen(network, address string) (net.Listener, error) {
 	var lc ListenConfig
 	return lc.Listen(context.Background(), network, address)
@@ -83,56 +105,25 @@ func ListenPacket(network, address string) (net.PacketConn, error) {
 // listener then owns n. It fails with a clear error if there is no such
 // descriptor or it is not a listening socket.
 func ListenFD(n int) (net.Listener, error) {
-	c, err := getClient()
+	x, err := std.listenFD(context.Background(), n, false)
 	if err != nil {
 		return nil, err
 	}
-	if c == nil {
-		x, err := ownFD(n, false)
-		if err != nil {
-			return nil, err
-		}
-		return x.(net.Listener), nil
-	}
-	return c.listenFD(context.Background(), n, false)
+	return x.(net.Listener), nil
 }
 
 // ListenPacketFD is ListenFD for a datagram socket.
 func ListenPacketFD(n int) (net.PacketConn, error) {
-	c, err := getClient()
+	x, err := std.listenFD(context.Background(), n, true)
 	if err != nil {
 		return nil, err
 	}
-	if c == nil {
-		pc, err := ownFD(n, true)
-		if err != nil {
-			return nil, err
-		}
-		return pc.(net.PacketConn), nil
-	}
-	l, err := c.listenFD(context.Background(), n, true)
-	if err != nil {
-		return nil, err
-	}
-	return l.(net.PacketConn), nil
+	return x.(net.PacketConn), nil
 }
 
 // Listen is the net.ListenConfig.Listen of this package; see Listen.
 func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (net.Listener, error) {
-	c, err := getClient()
-	if err != nil {
-		return nil, err
-	}
-	if c == nil {
-		return lc.standaloneListen(ctx, network, address)
-	}
-	if lc.Exclusive {
-		return lc.Net.Listen(ctx, network, address)
-	}
-	if network == "unixgram" || strings.HasPrefix(network, "udp") {
-		return nil, &net.OpError{Op: "listen", Net: network, Err: net.UnknownNetworkError(network)}
-	}
-	x, err := c.listen(ctx, network, address, false)
+	x, err := std.listen(ctx, lc, network, address, false)
 	if err != nil {
 		return nil, err
 	}
@@ -142,37 +133,96 @@ func (lc *ListenConfig) Listen(ctx context.Context, network, address string) (ne
 // ListenPacket is the net.ListenConfig.ListenPacket of this package; see
 // ListenPacket.
 func (lc *ListenConfig) ListenPacket(ctx context.Context, network, address string) (net.PacketConn, error) {
-	c, err := getClient()
-	if err != nil {
-		return nil, err
-	}
-	if c == nil {
-		return lc.standaloneListenPacket(ctx, network, address)
-	}
-	if lc.Exclusive {
-		return lc.Net.ListenPacket(ctx, network, address)
-	}
-	if network != "unixgram" && !strings.HasPrefix(network, "udp") {
-		return nil, &net.OpError{Op: "listen", Net: network, Err: net.UnknownNetworkError(network)}
-	}
-	x, err := c.listen(ctx, network, address, true)
+	x, err := std.listen(ctx, lc, network, address, true)
 	if err != nil {
 		return nil, err
 	}
 	return x.(net.PacketConn), nil
 }
 
-// reservedConn marks an index reserved by a listen still in flight.
-type reservedConn struct{}
+func isPacketNetwork(network string) bool {
+	return network == "unixgram" || strings.HasPrefix(network, "udp")
+}
 
-func (reservedConn) SyscallConn() (syscall.RawConn, error) { return nil, nil }
+// listen serves Listen and ListenPacket: a net.Listener or a
+// net.PacketConn.
+func (p *proc) listen(ctx context.Context, lc *ListenConfig, network, address string, packet bool) (any, error) {
+	c, err := p.connect()
+	if err != nil {
+		return nil, opError(network, address, err)
+	}
+	if isPacketNetwork(network) != packet {
+		return nil, opError(network, address, fmt.Errorf("%w: %w", net.UnknownNetworkError(network), syscall.EPROTOTYPE))
+	}
+	if c == nil || lc.Exclusive {
+		if c == nil && !lc.Exclusive {
+			if x, ok, err := p.listenActivated(network, address, packet); ok {
+				return x, err
+			}
+		}
+		if packet {
+			return lc.Net.ListenPacket(ctx, network, address)
+		}
+		return lc.Net.Listen(ctx, network, address)
+	}
+	req := &handoff.ListenRequest{Network: network, Address: address, Packet: packet}
+	if strings.HasPrefix(network, "unix") && !strings.HasPrefix(address, "@") && address != "" && !filepath.IsAbs(address) {
+		// Like Node's path.resolve in the child: relative to this
+		// worker's working directory.
+		abs, err := filepath.Abs(address)
+		if err != nil {
+			return nil, opError(network, address, err)
+		}
+		req.Address = abs
+	}
+	k, err := handoff.Normalize(req)
+	if err != nil {
+		return nil, opError(network, address, &ListenError{Errno: syscall.EINVAL, Msg: err.Error()})
+	}
+	ik := k.IndexKey()
+	idx := c.reserve(ik)
+	req.Index = idx
+	x, err := c.ask(ctx, req)
+	c.settle(ik, idx, x)
+	if err != nil {
+		return nil, opError(network, address, err)
+	}
+	return x, nil
+}
+
+func (p *proc) listenFD(ctx context.Context, n int, packet bool) (any, error) {
+	name := "fd:" + strconv.Itoa(n)
+	c, err := p.connect()
+	if err != nil {
+		return nil, opError("fd", name, err)
+	}
+	if c == nil {
+		x, err := p.ownFD(n, packet)
+		if err != nil {
+			return nil, opError("fd", name, err)
+		}
+		return x, nil
+	}
+	x, err := c.ask(ctx, &handoff.ListenRequest{FD: &n, Packet: packet})
+	if err != nil {
+		return nil, opError("fd", name, err)
+	}
+	return x, nil
+}
+
+// reserved marks an index reserved by a listen still in flight.
+type reserved struct{}
 
 // alive reports whether a listener this package returned is still open.
-func alive(x syscall.Conn) bool {
-	if _, ok := x.(reservedConn); ok {
+func alive(x any) bool {
+	if _, ok := x.(reserved); ok {
 		return true
 	}
-	rc, err := x.SyscallConn()
+	sc, ok := x.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		return false
 	}
@@ -188,139 +238,82 @@ func (c *client) reserve(ik handoff.Key) int {
 	h := c.held[ik]
 	for i, x := range h {
 		if x == nil || !alive(x) {
-			h[i] = reservedConn{}
+			h[i] = reserved{}
 			return i
 		}
 	}
-	c.held[ik] = append(h, reservedConn{})
+	c.held[ik] = append(h, reserved{})
 	return len(h)
 }
 
-func (c *client) settle(ik handoff.Key, i int, x syscall.Conn) {
+func (c *client) settle(ik handoff.Key, i int, x any) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.held[ik][i] = x
 }
 
-func (c *client) listen(ctx context.Context, network, address string, packet bool) (syscall.Conn, error) {
-	req := &handoff.ListenRequest{Network: network, Address: address, Packet: packet}
-	if strings.HasPrefix(network, "unix") && !strings.HasPrefix(address, "@") && address != "" && !filepath.IsAbs(address) {
-		// Like Node's path.resolve in the child: relative to this
-		// worker's working directory.
-		abs, err := filepath.Abs(address)
-		if err != nil {
-			return nil, &net.OpError{Op: "listen", Net: network, Err: err}
-		}
-		req.Address = abs
-	}
-	k, err := handoff.Normalize(req)
-	if err != nil {
-		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
-	}
-	ik := k.IndexKey()
-	idx := c.reserve(ik)
-	req.Index = idx
-	x, err := c.ask(ctx, req, network, address)
-	c.settle(ik, idx, x)
-	if err != nil {
-		return nil, err
-	}
-	return x, nil
-}
-
-func (c *client) listenFD(ctx context.Context, n int, packet bool) (net.Listener, error) {
-	req := &handoff.ListenRequest{FD: &n, Packet: packet}
-	x, err := c.ask(ctx, req, "fd", strconv.Itoa(n))
-	if err != nil {
-		return nil, err
-	}
-	if l, ok := x.(net.Listener); ok {
-		return l, nil
-	}
-	return pconnListener{x.(net.PacketConn)}, nil
-}
-
-// pconnListener carries a PacketConn through listenFD's return type; only
-// ListenPacketFD unwraps it.
-type pconnListener struct{ net.PacketConn }
-
-func (pconnListener) Accept() (net.Conn, error) { return nil, errors.ErrUnsupported }
-func (p pconnListener) Addr() net.Addr          { return p.LocalAddr() }
-
 // ask sends a listen request and turns the reply into a listener or packet
-// conn. The result is nil (an untyped nil interface) on error.
-func (c *client) ask(ctx context.Context, req *handoff.ListenRequest, network, address string) (syscall.Conn, error) {
+// conn. The result is nil on error.
+func (c *client) ask(ctx context.Context, req *handoff.ListenRequest) (any, error) {
 	r, err := c.request(ctx, &handoff.Message{Type: handoff.TypeListen, Listen: req})
 	if err != nil {
-		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
+		return nil, err
 	}
 	if r.msg.Error != "" || r.msg.Errno != "" {
 		closeFDs(r.fds)
-		e := &ListenError{Network: network, Address: address, Msg: r.msg.Error}
+		e := &ListenError{Msg: r.msg.Error}
 		if v, ok := handoff.ErrnoValue(r.msg.Errno); ok {
 			e.Errno = v
 		}
 		if e.Msg == "" {
-			e.Msg = "listen " + network + " " + address + ": " + r.msg.Errno
+			e.Msg = r.msg.Errno
 		}
 		return nil, e
 	}
 	if len(r.fds) != 1 {
 		closeFDs(r.fds)
-		return nil, &net.OpError{Op: "listen", Net: network, Err: fmt.Errorf("gorolling: master replied with %d fds, want 1", len(r.fds))}
+		return nil, &ListenError{Errno: syscall.EPROTO, Msg: fmt.Sprintf("the master replied with %d descriptors, want 1", len(r.fds))}
 	}
-	x, err := wrapFD(r.fds[0], req.Packet, "gorolling:"+network+":"+address)
-	if err != nil {
-		return nil, &net.OpError{Op: "listen", Net: network, Err: err}
-	}
-	return x, nil
+	return wrapFD(r.fds[0], req.Packet, "gorolling:"+r.msg.Network+":"+r.msg.Address)
 }
 
-// wrapFD turns a received socket into a listener or packet conn. It always
-// consumes fd: net duplicates it, and the original is closed at once
-// (PITFALLS #8: a kept *os.File would keep the socket open).
-func wrapFD(fd int, packet bool, name string) (syscall.Conn, error) {
-	// os.NewFile on a received descriptor does not remember having set
-	// O_NONBLOCK, so the Fd() call inside net.FileListener leaves the
-	// shared socket non-blocking (PITFALLS #7).
+// wrapFD turns a socket descriptor into a listener or packet conn. It
+// always consumes fd: net duplicates it, and the original is closed at once
+// (a kept *os.File would keep the socket open after the listener closes,
+// and hold a reuseport member in its group). A descriptor received over
+// SCM_RIGHTS wrapped by os.NewFile does not remember having set O_NONBLOCK,
+// so the Fd() inside net.FileListener leaves the shared socket non-blocking.
+func wrapFD(fd int, packet bool, name string) (any, error) {
+	if err := handoff.CheckListener(fd, packet); err != nil {
+		syscall.Close(fd)
+		return nil, err
+	}
 	f := os.NewFile(uintptr(fd), name)
 	defer f.Close()
 	if packet {
-		pc, err := net.FilePacketConn(f)
-		if err != nil {
-			return nil, err
-		}
-		return pc.(syscall.Conn), nil
+		return net.FilePacketConn(f)
 	}
-	l, err := net.FileListener(f)
-	if err != nil {
-		return nil, err
-	}
-	return l.(syscall.Conn), nil
+	return net.FileListener(f)
 }
 
 // ownFD wraps this process's own descriptor n (outside gorolling).
-func ownFD(n int, packet bool) (any, error) {
+func (p *proc) ownFD(n int, packet bool) (any, error) {
 	if n < 0 {
-		return nil, fmt.Errorf("gorolling: listen fd:%d: negative descriptor", n)
+		return nil, fmt.Errorf("negative descriptor %d: %w", n, syscall.EBADF)
 	}
-	typ, err := syscall.GetsockoptInt(n, syscall.SOL_SOCKET, syscall.SO_TYPE)
-	if err != nil {
-		return nil, &net.OpError{Op: "listen", Net: "fd", Err: fmt.Errorf("fd %d is not a socket: %w", n, err)}
-	}
-	if (typ == syscall.SOCK_DGRAM) != packet {
+	if f := p.takeActivatedFD(n); f != nil {
+		defer f.Close()
+		if err := handoff.CheckListener(n, packet); err != nil {
+			return nil, err
+		}
 		if packet {
-			return nil, &net.OpError{Op: "listen", Net: "fd", Err: fmt.Errorf("fd %d is a stream socket: use ListenFD: %w", n, syscall.EPROTOTYPE)}
+			return net.FilePacketConn(f)
 		}
-		return nil, &net.OpError{Op: "listen", Net: "fd", Err: fmt.Errorf("fd %d is a datagram socket: use ListenPacketFD: %w", n, syscall.EPROTOTYPE)}
+		return net.FileListener(f)
 	}
-	if !packet {
-		acc, err := syscall.GetsockoptInt(n, syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN)
-		if err == nil && acc == 0 {
-			return nil, &net.OpError{Op: "listen", Net: "fd", Err: fmt.Errorf("fd %d is a socket that is not listening: %w", n, syscall.EINVAL)}
-		}
+	if err := handoff.CheckListener(n, packet); err != nil {
+		return nil, err
 	}
 	syscall.CloseOnExec(n)
-	markActivatedUsed(n)
 	return wrapFD(n, packet, "fd:"+strconv.Itoa(n))
 }

@@ -11,12 +11,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/activation"
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/gorolling/gorolling/handoff"
 )
 
 // DefaultDrainTimeout is the drain deadline when draining starts without
-// one from the master: on SIGTERM or SIGINT when running standalone, or when
-// the master has gone away.
+// one from the master: on a signal (HandleSignals) when running
+// standalone, or when the master has gone away.
 const DefaultDrainTimeout = 30 * time.Second
 
 // Environment variables a gorolling master sets for its workers.
@@ -27,54 +29,94 @@ const (
 	EnvGeneration = "GOROLLING_GENERATION"
 )
 
-var (
-	slot, workerID, generation = -1, 0, 0
-	channelFD                  = -1
-)
+// proc is this process as the package sees it: its identity, its channel
+// to the master and its drain. std is the real one, set up from the
+// environment on first use; the package's tests make their own.
+type proc struct {
+	getenv    func(string) string
+	activate  bool // take LISTEN_FDS sockets (systemd's protocol) at setup
+	setupOnce sync.Once
+	slot      int
+	id, gen   int
+	chanFD    int // the handoff channel's descriptor, -1 outside gorolling
 
-func init() {
-	// Mark the inherited channel close-on-exec at once, so children this
-	// program starts before it first calls the package do not inherit it.
-	if n, err := strconv.Atoi(os.Getenv(EnvFD)); err == nil && n > 2 {
-		channelFD = n
-		syscall.CloseOnExec(n)
-	}
-	if n, err := strconv.Atoi(os.Getenv(EnvSlot)); err == nil {
-		slot = n
-	}
-	workerID, _ = strconv.Atoi(os.Getenv(EnvWorkerID))
-	generation, _ = strconv.Atoi(os.Getenv(EnvGeneration))
+	actMu     sync.Mutex
+	activated []*os.File // LISTEN_FDS sockets not taken yet
+
+	connOnce sync.Once
+	c        *client
+	connErr  error
+
+	readyOnce sync.Once
+	readyErr  error
+
+	drainOnce sync.Once
+	drainCh   chan struct{}
+	drainMu   sync.Mutex
+	deadline  time.Time
+	ctxOnce   sync.Once
+	ctx       context.Context
+
+	sigOnce sync.Once
+}
+
+var std = newProc(os.Getenv, true)
+
+func newProc(getenv func(string) string, activate bool) *proc {
+	return &proc{getenv: getenv, activate: activate, chanFD: -1, slot: -1, drainCh: make(chan struct{})}
+}
+
+// setup reads the environment once, on first use: importing the package
+// does nothing. It marks the inherited descriptors close-on-exec, so that
+// children this program starts do not inherit them (a child holding the
+// handoff channel would hide the master's death from this worker); call
+// any function of the package before starting children.
+func (p *proc) setup() {
+	p.setupOnce.Do(func() {
+		if n, err := strconv.Atoi(p.getenv(EnvFD)); err == nil && n > 2 {
+			p.chanFD = n
+			syscall.CloseOnExec(n)
+		}
+		if n, err := strconv.Atoi(p.getenv(EnvSlot)); err == nil {
+			p.slot = n
+		}
+		p.id, _ = strconv.Atoi(p.getenv(EnvWorkerID))
+		p.gen, _ = strconv.Atoi(p.getenv(EnvGeneration))
+		if p.activate {
+			// Sockets of systemd's socket activation (or gorolling's
+			// --listen): close-on-exec, and the LISTEN_* variables gone.
+			p.activated = activation.Files(true)
+		}
+	})
 }
 
 // IsWorker reports whether this process was started by a gorolling master.
-func IsWorker() bool { return channelFD >= 0 }
+func IsWorker() bool { std.setup(); return std.chanFD >= 0 }
 
 // Slot returns this worker's slot, 0..N-1. A crashed worker's replacement
 // and the next generation's worker in the same position get the same slot.
 // It returns -1 outside gorolling.
-func Slot() int { return slot }
+func Slot() int { std.setup(); return std.slot }
 
-// ID returns this worker's id: unique for the master's life, increasing,
+// ID returns this worker's id: unique for the service's life, increasing,
 // never reused (like Node's worker.id). It returns 0 outside gorolling.
-func ID() int { return workerID }
+func ID() int { std.setup(); return std.id }
 
 // Generation returns this worker's generation: 1 for the workers the
 // master started first, one more at each upgrade. It returns 0 outside
 // gorolling.
-func Generation() int { return generation }
+func Generation() int { std.setup(); return std.gen }
 
 // client is the worker's side of the handoff channel.
 type client struct {
+	p    *proc
 	conn *handoff.Conn
 
 	mu      sync.Mutex
 	seq     uint64
 	pending map[uint64]chan response
-	broken  error
-	held    map[handoff.Key][]syscall.Conn // per index key, by index
-
-	readyOnce sync.Once
-	readyErr  error
+	broken  bool
+	held    map[handoff.Key][]any // per index key, by index: open listeners
 }
 
 type response struct {
@@ -82,45 +124,33 @@ type response struct {
 	fds []int
 }
 
-var (
-	standaloneReady    sync.Once
-	standaloneReadyErr error
-)
+// errMasterGone reports a request on a channel the master closed.
+var errMasterGone = &ListenError{Errno: syscall.EPIPE, Msg: "the master is gone"}
 
-var (
-	clientOnce sync.Once
-	theClient  *client
-	clientErr  error
-)
-
-// errBroken reports a request on a channel the master closed.
-var errBroken = errors.New("gorolling: the master is gone")
-
-// getClient connects to the master on first use. It returns nil, nil
+// connect connects to the master on first use. It returns nil, nil
 // outside gorolling.
-func getClient() (*client, error) {
-	clientOnce.Do(func() {
-		if channelFD < 0 {
+func (p *proc) connect() (*client, error) {
+	p.setup()
+	p.connOnce.Do(func() {
+		if p.chanFD < 0 {
 			return
 		}
-		conn, err := handoff.FromFD(channelFD)
-		os.Unsetenv(EnvFD) // the fd is ours now; children must not use it
+		conn, err := handoff.FromFD(p.chanFD)
+		if p == std {
+			os.Unsetenv(EnvFD) // the descriptor is ours now; children must not use it
+		}
 		if err != nil {
-			clientErr = fmt.Errorf("gorolling: handoff channel on fd %d: %w", channelFD, err)
+			p.connErr = fmt.Errorf("gorolling: handoff channel on fd %d: %w", p.chanFD, err)
 			return
 		}
-		c := &client{
-			conn:    conn,
-			pending: make(map[uint64]chan response),
-			held:    make(map[handoff.Key][]syscall.Conn),
-		}
+		c := &client{p: p, conn: conn, pending: make(map[uint64]chan response), held: make(map[handoff.Key][]any)}
 		go c.readLoop()
-		theClient = c
+		p.c = c
 		if _, err := c.request(context.Background(), &handoff.Message{Type: handoff.TypeHello, PID: os.Getpid()}); err != nil {
-			clientErr = err
+			p.connErr = err
 		}
 	})
-	return theClient, clientErr
+	return p.c, p.connErr
 }
 
 func (c *client) readLoop() {
@@ -128,14 +158,14 @@ func (c *client) readLoop() {
 		msg, fds, err := c.conn.Receive()
 		if err != nil {
 			c.mu.Lock()
-			c.broken = errBroken
+			c.broken = true
 			for seq, ch := range c.pending {
 				close(ch)
 				delete(c.pending, seq)
 			}
 			c.mu.Unlock()
 			// The master died or closed the channel: drain and exit.
-			startDrain(DefaultDrainTimeout)
+			c.p.startDrain(DefaultDrainTimeout)
 			return
 		}
 		switch msg.Type {
@@ -149,7 +179,7 @@ func (c *client) readLoop() {
 				continue
 			}
 		case handoff.TypeDrain:
-			startDrain(time.Duration(msg.TimeoutMS) * time.Millisecond)
+			c.p.startDrain(time.Duration(msg.TimeoutMS) * time.Millisecond)
 		}
 		closeFDs(fds)
 	}
@@ -165,9 +195,9 @@ func closeFDs(fds []int) {
 func (c *client) request(ctx context.Context, m *handoff.Message) (response, error) {
 	ch := make(chan response, 1)
 	c.mu.Lock()
-	if c.broken != nil {
+	if c.broken {
 		c.mu.Unlock()
-		return response{}, c.broken
+		return response{}, errMasterGone
 	}
 	c.seq++
 	m.V, m.Seq = handoff.Version, c.seq
@@ -185,7 +215,7 @@ func (c *client) request(ctx context.Context, m *handoff.Message) (response, err
 	select {
 	case r, ok := <-ch:
 		if !ok {
-			return response{}, errBroken
+			return response{}, errMasterGone
 		}
 		return r, nil
 	case <-ctx.Done():
@@ -202,70 +232,109 @@ func (c *client) request(ctx context.Context, m *handoff.Message) (response, err
 // workers are). It is idempotent: later calls return the first result.
 // Outside gorolling it sends READY=1 to $NOTIFY_SOCKET when systemd set one
 // (Type=notify services), and otherwise does nothing.
-func Ready() error {
-	c, err := getClient()
+func Ready() error { return std.ready() }
+
+func (p *proc) ready() error {
+	c, err := p.connect()
 	if err != nil {
 		return err
 	}
-	if c == nil {
-		standaloneReady.Do(func() { standaloneReadyErr = sdNotify("READY=1") })
-		return standaloneReadyErr
-	}
-	c.readyOnce.Do(func() {
+	p.readyOnce.Do(func() {
+		if c == nil {
+			if p == std {
+				_, p.readyErr = daemon.SdNotify(false, daemon.SdNotifyReady)
+			}
+			return
+		}
 		r, err := c.request(context.Background(), &handoff.Message{Type: handoff.TypeReady})
 		if err == nil && r.msg.Error != "" {
 			err = fmt.Errorf("gorolling: ready: %s", r.msg.Error)
 		}
 		closeFDs(r.fds)
-		c.readyErr = err
+		p.readyErr = err
 	})
-	return c.readyErr
+	return p.readyErr
 }
 
-// drain state, shared by gorolling and standalone runs.
-var drain struct {
-	once     sync.Once
-	ch       chan struct{}
-	mu       sync.Mutex
-	deadline time.Time
-	sigOnce  sync.Once
-}
-
-func init() { drain.ch = make(chan struct{}) }
-
-func startDrain(timeout time.Duration) {
-	drain.once.Do(func() {
+func (p *proc) startDrain(timeout time.Duration) {
+	p.drainOnce.Do(func() {
 		if timeout <= 0 {
 			timeout = DefaultDrainTimeout
 		}
-		drain.mu.Lock()
-		drain.deadline = time.Now().Add(timeout)
-		drain.mu.Unlock()
-		close(drain.ch)
-		if !IsWorker() {
-			_ = sdNotify("STOPPING=1") // under systemd directly
+		p.drainMu.Lock()
+		p.deadline = time.Now().Add(timeout)
+		p.drainMu.Unlock()
+		close(p.drainCh)
+		if p == std && p.chanFD < 0 {
+			_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping) // under systemd directly
 		}
 	})
 }
 
 // Draining returns a channel that is closed when this worker should stop:
 // the master sent "drain" (an upgrade retired this generation, or the
-// master is stopping), the master went away, or the process got SIGTERM or
-// SIGINT. From the first call on, those two signals start a drain instead
-// of killing the process; a second one, a second or more after the first,
-// restores their default action and re-raises it. Finish in-flight work by DrainDeadline and exit.
+// master is stopping) or the master went away; and, once HandleSignals has
+// been called, on SIGTERM or SIGINT. Finish in-flight work by DrainDeadline
+// and exit.
+//
+// The master sends its stop signal (SIGTERM by default) right after the
+// drain message. A program that does not handle that signal is killed by
+// it before it has drained: call HandleSignals (ServeHTTP does), or handle
+// SIGTERM yourself.
 //
 // Draining also connects to the master if that has not happened yet, so a
 // worker that never listens through the package still learns of drains.
-func Draining() <-chan struct{} {
-	_, _ = getClient()
-	drain.sigOnce.Do(func() {
+func Draining() <-chan struct{} { return std.draining() }
+
+func (p *proc) draining() <-chan struct{} {
+	_, _ = p.connect()
+	return p.drainCh
+}
+
+// DrainDeadline returns when the worker must be gone, once Draining is
+// closed; the zero time before that.
+func DrainDeadline() time.Time { return std.drainDeadline() }
+
+func (p *proc) drainDeadline() time.Time {
+	p.drainMu.Lock()
+	defer p.drainMu.Unlock()
+	return p.deadline
+}
+
+// Context returns a context that is canceled when draining starts (see
+// Draining). Every call returns the same context.
+func Context() context.Context { return std.context() }
+
+func (p *proc) context() context.Context {
+	p.ctxOnce.Do(func() {
+		ch := p.draining()
+		ctx, cancel := context.WithCancel(context.Background())
+		p.ctx = ctx
+		go func() {
+			<-ch
+			cancel()
+		}()
+	})
+	return p.ctx
+}
+
+// HandleSignals makes SIGTERM and SIGINT start a drain (see Draining)
+// instead of ending the program: the master sends SIGTERM right after its
+// drain message, and a shell's Ctrl-C should drain a standalone run too. A
+// second such signal, a second or more after the first, ends the program
+// with the signal's default action. It is idempotent; handlers the program
+// installed itself keep receiving the signals (os/signal delivers to every
+// channel). ServeHTTP calls it unless told not to.
+func HandleSignals() { std.handleSignals() }
+
+func (p *proc) handleSignals() {
+	p.sigOnce.Do(func() {
 		sigs := make(chan os.Signal, 2)
 		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 		go func() {
 			<-sigs
 			first := time.Now()
-			startDrain(DefaultDrainTimeout)
+			p.startDrain(DefaultDrainTimeout)
 			// A second signal means "stop now", unless it comes within a
 			// second of the first: when a master dies, the kernel sends
 			// the parent-death signal once per exiting master thread.
@@ -276,40 +345,12 @@ func Draining() <-chan struct{} {
 				}
 			}
 			signal.Reset(syscall.SIGTERM, syscall.SIGINT)
-			if p, err := os.FindProcess(os.Getpid()); err == nil {
-				p.Signal(s)
+			if pr, err := os.FindProcess(os.Getpid()); err == nil {
+				pr.Signal(s)
 			}
 		}()
 	})
-	return drain.ch
 }
 
-// DrainDeadline returns when the worker must be gone, once Draining is
-// closed; the zero time before that.
-func DrainDeadline() time.Time {
-	drain.mu.Lock()
-	defer drain.mu.Unlock()
-	return drain.deadline
-}
-
-// Context returns a context that is canceled when draining starts (see
-// Draining).
-func Context() context.Context {
-	drainCtxOnce.Do(func() {
-		ch := Draining()
-		ctx, cancel := context.WithCancel(context.Background())
-		drainCtx = ctx
-		go func() {
-			<-ch
-			cancel()
-		}()
-	})
-	return drainCtx
-}
-
-// One context for every caller: a goroutine per call would wait forever
-// in a worker that never drains.
-var (
-	drainCtxOnce sync.Once
-	drainCtx     context.Context
-)
+// errNoListeners is returned by ServeHTTP without a listener.
+var errNoListeners = errors.New("gorolling: ServeHTTP needs at least one listener")

@@ -2,13 +2,14 @@ package worker
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"strings"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -29,26 +30,36 @@ type fakeMaster struct {
 	asked   []handoff.Key
 }
 
-var fm *fakeMaster
-
-func TestMain(m *testing.M) {
+// newWorker returns a worker process state of its own, connected to a fake
+// master over a real handoff channel: tests share nothing.
+func newWorker(t *testing.T) (*proc, *fakeMaster) {
+	t.Helper()
 	conn, wf, err := handoff.Pair()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+		t.Fatal(err)
 	}
 	// Give the worker side its own descriptor number, as exec would.
 	fd, err := syscall.Dup(int(wf.Fd()))
 	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+		t.Fatal(err)
 	}
 	wf.Close()
-	channelFD = fd
-	slot, workerID, generation = 2, 7, 3
-	fm = &fakeMaster{conn: conn, sockets: map[handoff.Key]net.Listener{}}
+	env := map[string]string{EnvFD: strconv.Itoa(fd), EnvSlot: "2", EnvWorkerID: "7", EnvGeneration: "3"}
+	p := newProc(func(k string) string { return env[k] }, false)
+	fm := &fakeMaster{conn: conn, sockets: map[handoff.Key]net.Listener{}}
 	go fm.serve()
-	os.Exit(m.Run())
+	t.Cleanup(func() {
+		conn.Close()
+		if p.c != nil {
+			p.c.conn.Close()
+		}
+		fm.mu.Lock()
+		for _, l := range fm.sockets {
+			l.Close()
+		}
+		fm.mu.Unlock()
+	})
+	return p, fm
 }
 
 func (f *fakeMaster) serve() {
@@ -106,26 +117,42 @@ func openFDs(t *testing.T) int {
 	return len(ents)
 }
 
+// listen is Listen through p.
+func listen(p *proc, network, address string) (net.Listener, error) {
+	x, err := p.listen(context.Background(), &ListenConfig{}, network, address, false)
+	if err != nil {
+		return nil, err
+	}
+	return x.(net.Listener), nil
+}
+
 func TestIdentity(t *testing.T) {
-	if !IsWorker() || Slot() != 2 || ID() != 7 || Generation() != 3 {
-		t.Fatalf("IsWorker %v Slot %d ID %d Generation %d", IsWorker(), Slot(), ID(), Generation())
+	p, _ := newWorker(t)
+	p.setup()
+	if p.chanFD < 0 || p.slot != 2 || p.id != 7 || p.gen != 3 {
+		t.Fatalf("worker: fd %d slot %d id %d generation %d", p.chanFD, p.slot, p.id, p.gen)
+	}
+	// The test process itself was not started by gorolling.
+	if IsWorker() || Slot() != -1 || ID() != 0 || Generation() != 0 {
+		t.Fatalf("standalone: IsWorker %v Slot %d ID %d Generation %d", IsWorker(), Slot(), ID(), Generation())
 	}
 }
 
 func TestListenPortZeroIndexAndFDs(t *testing.T) {
+	p, fm := newWorker(t)
 	// Warm up: the first call connects to the master and starts the poller.
-	if err := Ready(); err != nil {
+	if err := p.ready(); err != nil {
 		t.Fatal(err)
 	}
 	fm.mu.Lock()
 	held := len(fm.sockets) // the fake master's own sockets live in this process
 	fm.mu.Unlock()
 	before := openFDs(t)
-	a, err := Listen("tcp", "127.0.0.1:0")
+	a, err := listen(p, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := Listen("tcp", "127.0.0.1:0")
+	b, err := listen(p, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +162,7 @@ func TestListenPortZeroIndexAndFDs(t *testing.T) {
 	// Closing the first frees index 0: listening again gets its socket.
 	aAddr := a.Addr().String()
 	a.Close()
-	a2, err := Listen("tcp", "localhost:0")
+	a2, err := listen(p, "tcp", "localhost:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,53 +189,70 @@ func TestListenPortZeroIndexAndFDs(t *testing.T) {
 	fm.mu.Lock()
 	held = len(fm.sockets) - held
 	fm.mu.Unlock()
+	// A File kept after conversion would keep the socket open.
 	if after := openFDs(t) - held; after != before {
-		t.Fatalf("%d fds open after Listen and Close, %d before (PITFALLS #8)", after, before)
+		t.Fatalf("%d fds open after Listen and Close, %d before", after, before)
 	}
 }
 
-func TestListenErrno(t *testing.T) {
+// TestListenErrors: every listen error is a *net.OpError whose Err unwraps
+// to the errno, under a master and standalone.
+func TestListenErrors(t *testing.T) {
 	busy, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer busy.Close()
-	_, err = Listen("tcp", busy.Addr().String())
-	if !errors.Is(err, syscall.EADDRINUSE) {
-		t.Fatalf("err %v, want EADDRINUSE", err)
-	}
-	var le *ListenError
-	if !errors.As(err, &le) || !strings.Contains(le.Error(), "address already in use") {
-		t.Fatalf("err %#v", err)
-	}
-	if _, err := ListenPacket("tcp", "127.0.0.1:0"); err == nil {
-		t.Fatal("ListenPacket on tcp succeeded")
+	p, _ := newWorker(t)
+	standalone := newProc(func(string) string { return "" }, false)
+	for _, tc := range []struct {
+		name  string
+		call  func() error
+		errno syscall.Errno
+	}{
+		{"master: address in use", func() error { _, err := listen(p, "tcp", busy.Addr().String()); return err }, syscall.EADDRINUSE},
+		{"standalone: address in use", func() error { _, err := listen(standalone, "tcp", busy.Addr().String()); return err }, syscall.EADDRINUSE},
+		{"master: bad address", func() error { _, err := listen(p, "tcp", "no-such-host.invalid:1"); return err }, syscall.EINVAL},
+		{"master: packet on tcp", func() error {
+			_, err := p.listen(context.Background(), &ListenConfig{}, "tcp", "127.0.0.1:0", true)
+			return err
+		}, syscall.EPROTOTYPE},
+		{"master: relative unix path outside the worker", func() error { _, err := listen(p, "unix", ""); return err }, syscall.EINVAL},
+		{"standalone: fd that is no socket", func() error { _, err := standalone.listenFD(context.Background(), 0, false); return err }, syscall.ENOTSOCK},
+		{"standalone: negative fd", func() error { _, err := standalone.listenFD(context.Background(), -1, false); return err }, syscall.EBADF},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.call()
+			var oe *net.OpError
+			if !errors.As(err, &oe) || oe.Op != "listen" {
+				t.Fatalf("err %#v is not a *net.OpError", err)
+			}
+			if !errors.Is(err, tc.errno) {
+				t.Fatalf("err %v does not unwrap to %v", err, tc.errno)
+			}
+		})
 	}
 }
 
 func TestListenExclusiveDoesNotAsk(t *testing.T) {
-	fm.mu.Lock()
-	n := len(fm.asked)
-	fm.mu.Unlock()
-	lc := ListenConfig{Exclusive: true}
-	l, err := lc.Listen(t.Context(), "tcp", "127.0.0.1:0")
+	p, fm := newWorker(t)
+	x, err := p.listen(t.Context(), &ListenConfig{Exclusive: true}, "tcp", "127.0.0.1:0", false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	l.Close()
+	x.(net.Listener).Close()
 	fm.mu.Lock()
 	defer fm.mu.Unlock()
-	if len(fm.asked) != n {
+	if len(fm.asked) != 0 {
 		t.Fatal("an exclusive listen asked the master")
 	}
 }
 
 func TestListenUnixRelative(t *testing.T) {
+	p, fm := newWorker(t)
 	dir := t.TempDir()
-	wd, _ := os.Getwd()
-	os.Chdir(dir)
-	defer os.Chdir(wd)
-	l, err := Listen("unix", "w.sock")
+	t.Chdir(dir)
+	l, err := listen(p, "unix", "w.sock")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,15 +265,12 @@ func TestListenUnixRelative(t *testing.T) {
 	}
 }
 
-// TestServeHTTPDrain runs last among the tests that need a live master: it
-// drains the package for good.
+// TestServeHTTPDrain: on the master's drain, a kept-alive connection gets
+// its answer with Connection: close, ServeHTTP returns once the client is
+// gone, and the master's copy of the socket still accepts.
 func TestServeHTTPDrain(t *testing.T) {
-	select {
-	case <-drain.ch:
-		t.Skip("this process has drained already (drain state lives for the process; -count > 1)")
-	default:
-	}
-	l, err := Listen("tcp", "127.0.0.1:0")
+	p, fm := newWorker(t)
+	l, err := listen(p, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -239,7 +280,7 @@ func TestServeHTTPDrain(t *testing.T) {
 		io.WriteString(w, "ok")
 	})}
 	done := make(chan error, 1)
-	go func() { done <- ServeHTTPWith(srv, HTTPOptions{Grace: 2 * time.Second}, l) }()
+	go func() { done <- p.serveHTTP(srv, HTTPOptions{Grace: 2 * time.Second, OwnSignals: true}, l) }()
 
 	// A keep-alive client that never retries.
 	conn, err := net.Dial("tcp", addr)
@@ -262,21 +303,20 @@ func TestServeHTTPDrain(t *testing.T) {
 	if r := post(); r.Close {
 		t.Fatal("Connection: close before the drain")
 	}
-	// The master says drain.
 	fm.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeDrain, TimeoutMS: 10000})
 	select {
-	case <-Draining():
+	case <-p.draining():
 	case <-time.After(5 * time.Second):
 		t.Fatal("drain message did not close Draining")
 	}
-	if d := time.Until(DrainDeadline()); d <= 0 || d > 10*time.Second {
+	if d := time.Until(p.drainDeadline()); d <= 0 || d > 10*time.Second {
 		t.Fatalf("drain deadline in %s", d)
 	}
 	time.Sleep(50 * time.Millisecond)
-	// The kept-alive connection still gets its answer, with Connection: close.
 	if r := post(); !r.Close {
 		t.Fatal("no Connection: close while draining")
 	}
+	conn.Close()
 	select {
 	case err := <-done:
 		if err != nil {
@@ -285,10 +325,57 @@ func TestServeHTTPDrain(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("ServeHTTP did not return after its client left")
 	}
-	// The master's copy still holds the socket: it accepts.
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatalf("shared socket closed by the drain: %v", err)
 	}
 	c.Close()
+}
+
+// TestServeHTTPReturnsShutdownError: a request that outlives the drain
+// deadline makes ServeHTTP return Shutdown's error.
+func TestServeHTTPReturnsShutdownError(t *testing.T) {
+	p, fm := newWorker(t)
+	l, err := listen(p, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	release := make(chan struct{})
+	defer close(release)
+	started := make(chan struct{}, 1)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		started <- struct{}{}
+		<-release
+	})}
+	done := make(chan error, 1)
+	go func() { done <- p.serveHTTP(srv, HTTPOptions{Grace: 10 * time.Millisecond, OwnSignals: true}, l) }()
+	go http.Get("http://" + l.Addr().String() + "/")
+	<-started
+	fm.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeDrain, TimeoutMS: 300})
+	select {
+	case err := <-done:
+		if err == nil || !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("ServeHTTP returned %v, want the Shutdown deadline error", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("ServeHTTP did not return")
+	}
+}
+
+// TestMasterGoneDrains: when the master's end closes, the worker drains
+// with the default deadline, and requests fail with EPIPE.
+func TestMasterGoneDrains(t *testing.T) {
+	p, fm := newWorker(t)
+	if err := p.ready(); err != nil {
+		t.Fatal(err)
+	}
+	fm.conn.Close()
+	select {
+	case <-p.draining():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the master's death did not start a drain")
+	}
+	if _, err := listen(p, "tcp", "127.0.0.1:0"); !errors.Is(err, syscall.EPIPE) {
+		t.Fatalf("listen after the master died: %v", err)
+	}
 }

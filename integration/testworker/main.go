@@ -128,6 +128,7 @@ func main() {
 		reportFile = f
 	}
 	emit(report{Op: "fds", FDs: startFDs, Env: os.Getenv("GOROLLING_FD")})
+	worker.HandleSignals() // the master's SIGTERM after "drain" must not kill us
 
 	var listeners []net.Listener
 	var packets []net.PacketConn
