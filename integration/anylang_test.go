@@ -2,60 +2,15 @@ package integration
 
 import (
 	"net"
-	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gorolling/gorolling/master/events"
 )
-
-// pyReport is the start report of examples/python/server.py.
-type pyReport struct {
-	PID       int               `json:"pid"`
-	FDs       []int             `json:"fds"`
-	Env       map[string]string `json:"env"`
-	Activated []int             `json:"activated"`
-}
-
-func readPyReports(t *testing.T, path string) []pyReport {
-	t.Helper()
-	return readJSONL[pyReport](t, path)
-}
-
-func examplePath(t *testing.T, rel string) string {
-	t.Helper()
-	p, err := filepath.Abs(filepath.Join("examples", rel))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// loadWithUpgrades runs the non-retrying load loop in each connection mode
-// while the master is upgraded n times, and requires zero failures.
-func loadWithUpgrades(t *testing.T, p *proc, addr string, n int) {
-	t.Helper()
-	for _, keepAlive := range []bool{true, false} {
-		before := p.count(isEvent(events.UpgradeFinished))
-		l := startLoad(t, addr, 32, keepAlive)
-		time.Sleep(300 * time.Millisecond)
-		for i := 0; i < n; i++ {
-			p.upgrade(60 * time.Second)
-			time.Sleep(300 * time.Millisecond)
-		}
-		l.requireNoFailures(t)
-		if got := p.count(isEvent(events.UpgradeFinished)) - before; got != n {
-			t.Fatalf("%d upgrades finished, want %d", got, n)
-		}
-	}
-}
 
 // TestPythonWorker: a stdlib Python server on the pre-opened fd 3 with
 // READY=1, under load through 2x4 upgrades: zero failed requests. Each
@@ -275,59 +230,4 @@ func TestReadyTimer(t *testing.T) {
 		}
 	}
 	p.upgrade(10 * time.Second)
-}
-
-// startProcess starts a helper process in its own process group; cleanup
-// sends it SIGTERM, then SIGKILL, by pid.
-func startProcess(t *testing.T, name string, args ...string) *exec.Cmd {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
-	return cmd
-}
-
-// poke connects to addr as soon as something listens there (within 10 s):
-// systemd-socket-activate starts its program on the first connection.
-func poke(addr string) {
-	for i := 0; i < 500; i++ {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
-			c.Close()
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// waitHTTP waits until addr answers an HTTP request.
-func waitHTTP(t *testing.T, addr string, timeout time.Duration) {
-	t.Helper()
-	c := &http.Client{Timeout: time.Second}
-	deadline := time.Now().Add(timeout)
-	for {
-		resp, err := c.Get("http://" + addr + "/")
-		if err == nil {
-			resp.Body.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s did not answer within %s: %v", addr, timeout, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }

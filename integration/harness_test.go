@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -19,6 +21,7 @@ import (
 	"time"
 
 	"github.com/gorolling/gorolling/master/events"
+	"golang.org/x/sys/unix"
 )
 
 // bin holds the binaries TestMain builds: gorolling, example-server,
@@ -207,9 +210,11 @@ func (p *proc) dump() {
 func (p *proc) cleanup() {
 	// Masters that replaced the first one (self-upgrades) are not our
 	// children: stop them by the pids they logged.
+	masters := []int{p.pid}
 	for _, e := range p.entries() {
 		if e.event() == events.MasterStarting {
 			if pid := e.num("pid"); pid != p.pid && alive(pid) && ours(pid) {
+				masters = append(masters, pid)
 				syscall.Kill(pid, syscall.SIGTERM)
 			}
 		}
@@ -221,23 +226,30 @@ func (p *proc) cleanup() {
 		select {
 		case <-p.done:
 		case <-time.After(15 * time.Second):
+			p.t.Errorf("master %d still running 15s after SIGTERM; killing it", p.pid)
 			p.cmd.Process.Kill()
-			for _, e := range p.entries() {
-				if e.event() == events.MasterStarting && alive(e.num("pid")) && ours(e.num("pid")) {
-					syscall.Kill(e.num("pid"), syscall.SIGKILL)
-				}
-			}
-			for _, pid := range p.allWorkerPIDs() {
-				if ours(pid) {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
-			}
 			<-p.done
 		}
 	}
+	for _, pid := range masters[1:] {
+		for end := time.Now().Add(15 * time.Second); alive(pid) && ours(pid); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(end) {
+				p.t.Errorf("master %d still running 15s after SIGTERM; killing it", pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	}
+	// A master that stopped has reaped its workers: one still running is a
+	// leak the test must report, not hide. Workers of a master that was
+	// killed (a test's kill -9) drain by themselves; they get their drain
+	// timeout's worth of time.
 	for _, pid := range p.allWorkerPIDs() {
-		if ours(pid) {
-			syscall.Kill(pid, syscall.SIGKILL)
+		for end := time.Now().Add(35 * time.Second); alive(pid) && ours(pid); time.Sleep(20 * time.Millisecond) {
+			if time.Now().After(end) {
+				p.t.Errorf("worker %d outlived its master; killing it", pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+				break
+			}
 		}
 	}
 }
@@ -646,4 +658,544 @@ func readPID(t *testing.T, path string) int {
 func copyFile(t *testing.T, src, dst string) {
 	t.Helper()
 	replaceFile(t, dst, readFile(t, src))
+}
+
+// pyReport is the start report of examples/python/server.py.
+type pyReport struct {
+	PID       int               `json:"pid"`
+	FDs       []int             `json:"fds"`
+	Env       map[string]string `json:"env"`
+	Activated []int             `json:"activated"`
+}
+
+func readPyReports(t *testing.T, path string) []pyReport {
+	t.Helper()
+	return readJSONL[pyReport](t, path)
+}
+
+func examplePath(t *testing.T, rel string) string {
+	t.Helper()
+	p, err := filepath.Abs(filepath.Join("examples", rel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// loadWithUpgrades runs the non-retrying load loop in each connection mode
+// while the master is upgraded n times, and requires zero failures.
+func loadWithUpgrades(t *testing.T, p *proc, addr string, n int) {
+	t.Helper()
+	for _, keepAlive := range []bool{true, false} {
+		before := p.count(isEvent(events.UpgradeFinished))
+		l := startLoad(t, addr, 32, keepAlive)
+		time.Sleep(300 * time.Millisecond)
+		for i := 0; i < n; i++ {
+			p.upgrade(60 * time.Second)
+			time.Sleep(300 * time.Millisecond)
+		}
+		l.requireNoFailures(t)
+		if got := p.count(isEvent(events.UpgradeFinished)) - before; got != n {
+			t.Fatalf("%d upgrades finished, want %d", got, n)
+		}
+	}
+}
+
+// startProcess starts a helper process in its own process group; cleanup
+// sends it SIGTERM, then SIGKILL, by pid.
+func startProcess(t *testing.T, name string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	})
+	return cmd
+}
+
+// poke connects to addr as soon as something listens there (within 10 s):
+// systemd-socket-activate starts its program on the first connection.
+func poke(addr string) {
+	for i := 0; i < 500; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// waitHTTP waits until addr answers an HTTP request.
+func waitHTTP(t *testing.T, addr string, timeout time.Duration) {
+	t.Helper()
+	c := &http.Client{Timeout: time.Second}
+	deadline := time.Now().Add(timeout)
+	for {
+		resp, err := c.Get("http://" + addr + "/")
+		if err == nil {
+			resp.Body.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not answer within %s: %v", addr, timeout, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// twMaster starts a master running testworker with script, reporting to a
+// fresh file. It waits for the first generation to serve.
+func twMaster(t *testing.T, workers int, script string, o masterOpts) (*proc, string) {
+	t.Helper()
+	report := filepath.Join(t.TempDir(), "report.jsonl")
+	o.args = append([]string{"-w", strconv.Itoa(workers)}, append(o.args, "--", binPath("testworker"))...)
+	o.env = append(o.env, "TW_SCRIPT="+script, "TW_REPORT="+report)
+	p := startMaster(t, o)
+	p.waitServing()
+	return p, report
+}
+
+// listens returns the reports of op in generation gen, grouped by pid.
+func listensByPID(rs []twReport, op string, gen int) map[int][]twReport {
+	out := map[int][]twReport{}
+	for _, r := range opsOf(rs, op, gen) {
+		out[r.PID] = append(out[r.PID], r)
+	}
+	return out
+}
+
+// rawSocket makes a socket on 127.0.0.1 with a kernel-chosen port, bound
+// and optionally listening, without the net package (so no Fd() games).
+func rawSocket(t *testing.T, typ int, listen bool) int {
+	t.Helper()
+	fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if listen {
+		if err := unix.Listen(fd, 128); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return fd
+}
+
+func sockName(t *testing.T, fd int) string {
+	t.Helper()
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := sa.(*unix.SockaddrInet4)
+	return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
+}
+
+func udpAsk(t *testing.T, addr, msg string) string {
+	t.Helper()
+	c, err := net.Dial("udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	buf := make([]byte, 512)
+	for i := 0; i < 5; i++ {
+		c.Write([]byte(msg))
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		if n, err := c.Read(buf); err == nil {
+			return string(buf[:n])
+		}
+	}
+	t.Fatalf("no answer from %s", addr)
+	return ""
+}
+
+// failure is one failed request.
+type failure struct {
+	err string
+	// lastPid is the worker that served the previous request on the same
+	// connection (0 for a connection's first request).
+	lastPid int
+}
+
+// slowRequest bounds one request of the load loop: slower counts as failed.
+const slowRequest = 2 * time.Second
+
+// loader runs a load loop of HTTP/1.1 POSTs from clients that never retry:
+// every dial error, write error, read error, non-200 answer or answer
+// slower than slowRequest counts as a failed request.
+type loader struct {
+	addr      string
+	keepAlive bool
+	path      string
+	stop      chan struct{}
+	wg        sync.WaitGroup
+
+	mu       sync.Mutex
+	ok       int
+	failures []failure
+	byGen    map[int]int
+	byPid    map[int]int
+}
+
+// startLoad starts n clients against addr. With keepAlive each client
+// reuses its connection until the server says "Connection: close";
+// without, every request opens a new connection.
+func startLoad(t *testing.T, addr string, n int, keepAlive bool) *loader {
+	l := &loader{addr: addr, keepAlive: keepAlive, path: "/", stop: make(chan struct{}), byGen: map[int]int{}, byPid: map[int]int{}}
+	for i := 0; i < n; i++ {
+		l.wg.Add(1)
+		go l.client()
+	}
+	t.Cleanup(l.halt)
+	return l
+}
+
+func (l *loader) halt() {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	l.wg.Wait()
+}
+
+func (l *loader) stopped() bool {
+	select {
+	case <-l.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+func (l *loader) client() {
+	defer l.wg.Done()
+	var conn net.Conn
+	var br *bufio.Reader
+	lastPid := 0
+	body := "hello"
+	req := "POST " + l.path + " HTTP/1.1\r\nHost: gorolling-test\r\nContent-Type: text/plain\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n"
+	if !l.keepAlive {
+		req += "Connection: close\r\n"
+	}
+	req += "\r\n" + body
+	drop := func() {
+		if conn != nil {
+			conn.Close()
+		}
+		conn, br, lastPid = nil, nil, 0
+	}
+	defer drop()
+	for !l.stopped() {
+		if conn == nil {
+			c, err := net.DialTimeout("tcp", l.addr, 5*time.Second)
+			if err != nil {
+				l.fail(failure{err: "dial: " + err.Error()})
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			conn, br = c, bufio.NewReader(c)
+		}
+		conn.SetDeadline(time.Now().Add(15 * time.Second))
+		sent := time.Now()
+		if _, err := io.WriteString(conn, req); err != nil {
+			l.fail(failure{err: "write: " + err.Error(), lastPid: lastPid})
+			drop()
+			continue
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			l.fail(failure{err: "read: " + err.Error(), lastPid: lastPid})
+			drop()
+			continue
+		}
+		_, err = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			l.fail(failure{err: fmt.Sprintf("status %d, body error %v", resp.StatusCode, err), lastPid: lastPid})
+			drop()
+			continue
+		}
+		pid, _ := strconv.Atoi(resp.Header.Get("X-Pid"))
+		gen, _ := strconv.Atoi(resp.Header.Get("X-Generation"))
+		if d := time.Since(sent); d > slowRequest {
+			// An upgrade must not stall clients either.
+			l.fail(failure{err: fmt.Sprintf("answered after %s (the bound is %s)", d.Round(time.Millisecond), slowRequest), lastPid: lastPid})
+		}
+		l.mu.Lock()
+		l.ok++
+		l.byGen[gen]++
+		l.byPid[pid]++
+		l.mu.Unlock()
+		lastPid = pid
+		if !l.keepAlive || resp.Close {
+			drop()
+		}
+	}
+}
+
+func (l *loader) fail(f failure) {
+	l.mu.Lock()
+	l.failures = append(l.failures, f)
+	l.mu.Unlock()
+}
+
+func (l *loader) counts() (ok int, failed int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ok, len(l.failures)
+}
+
+// report stops the load and fails the test if any request failed.
+func (l *loader) requireNoFailures(t *testing.T) {
+	t.Helper()
+	l.halt()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	t.Logf("load: %d requests ok, %d failed; by generation %v", l.ok, len(l.failures), l.byGen)
+	if l.ok == 0 {
+		t.Fatal("no request succeeded")
+	}
+	if len(l.failures) > 0 {
+		for i, f := range l.failures {
+			if i == 10 {
+				break
+			}
+			t.Errorf("failed request (previous pid on the connection %d): %s", f.lastPid, f.err)
+		}
+		t.Fatalf("%d of %d requests failed", len(l.failures), l.ok+len(l.failures))
+	}
+}
+
+// get does one request on a new connection and returns the serving pid and
+// generation.
+func get(t *testing.T, addr string) (pid, gen int) {
+	t.Helper()
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + addr + "/")
+	if err != nil {
+		t.Fatalf("GET %s: %v", addr, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	pid, _ = strconv.Atoi(resp.Header.Get("X-Pid"))
+	gen, _ = strconv.Atoi(resp.Header.Get("X-Generation"))
+	return pid, gen
+}
+
+// privilegedPort finds a free port below 1024 on 127.0.0.1.
+func privilegedPort(t *testing.T, skip int) int {
+	t.Helper()
+	for p := 700; p < 1024; p++ {
+		if p == skip {
+			continue
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err == nil {
+			l.Close()
+			return p
+		}
+	}
+	t.Fatal("no free port below 1024")
+	return 0
+}
+
+// procIDs reads the Uid, Gid and Groups lines of /proc/PID/status.
+func procIDs(t *testing.T, pid int) (uid, gid string, groups []string) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 1 {
+			continue
+		}
+		switch f[0] {
+		case "Uid:":
+			uid = f[1]
+		case "Gid:":
+			gid = f[1]
+		case "Groups:":
+			groups = f[1:]
+		}
+	}
+	return uid, gid, groups
+}
+
+// requireRoot fails (under GOROLLING_CI) or skips a test that must run as
+// root.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("GOROLLING_CI") != "" {
+		t.Fatal("CI must run the tests as root")
+	}
+	t.Skip("needs root")
+}
+
+// nobodyIDs returns the uid and gid of the account "nobody".
+func nobodyIDs(t *testing.T) (int, int) {
+	t.Helper()
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		t.Fatalf("no user nobody: %v", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return uid, gid
+}
+
+// openDir returns a new directory that every account can reach (its
+// parents are made searchable), owned by root with mode 0755.
+func openDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	return dir
+}
+
+// nobodyMaster starts a master whose workers run testworker as nobody with
+// script; their reports go to a file nobody may write.
+func nobodyMaster(t *testing.T, workers int, script string, o masterOpts) (*proc, string) {
+	t.Helper()
+	dir := openDir(t)
+	rdir := filepath.Join(dir, "reports")
+	if err := os.Mkdir(rdir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(rdir, 0o777)
+	report := filepath.Join(rdir, "report.jsonl")
+	o.args = append([]string{"-w", strconv.Itoa(workers), "--user", "nobody"}, append(o.args, "--", binPath("testworker"))...)
+	o.env = append(o.env, "TW_SCRIPT="+script, "TW_REPORT="+report)
+	p := startMaster(t, o)
+	return p, report
+}
+
+// statusOf asks the master for status --json.
+func statusOf(t *testing.T, ctl string) map[string]any {
+	t.Helper()
+	code, out, errOut := gorolling(t, nil, "status", "--json", "--control", ctl)
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var st map[string]any
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	return st
+}
+
+// fileID is what a test checks to tell that a file was left alone.
+type fileID struct {
+	ino  uint64
+	uid  uint32
+	gid  uint32
+	mode uint32
+	data string
+}
+
+func identify(t *testing.T, path string) fileID {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	id := fileID{ino: st.Ino, uid: st.Uid, gid: st.Gid, mode: st.Mode}
+	if st.Mode&unix.S_IFMT == unix.S_IFREG {
+		id.data = string(readFile(t, path))
+	}
+	return id
+}
+
+// masterPIDs lists the live gorolling master processes started from dir
+// (processes running a gorolling binary there with "exec" in argv).
+func masterPIDs(t *testing.T, exe string) []int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || !alive(pid) {
+			continue
+		}
+		l, err := os.Readlink("/proc/" + e.Name() + "/exe")
+		if err != nil || strings.TrimSuffix(l, " (deleted)") != exe {
+			continue
+		}
+		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
+		if slices.Contains(strings.Split(string(cmdline), "\x00"), "exec") {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
+
+// masterUpgrade sends SIGUSR2 to the master in pidFile and waits until the
+// new master serves, the old one has exited and the PID file names the new
+// one. It returns the new master's pid.
+func masterUpgrade(t *testing.T, p *proc, pidFile string) int {
+	t.Helper()
+	old := readPID(t, pidFile)
+	from := len(p.entries())
+	if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
+		t.Fatalf("signal master %d: %v", old, err)
+	}
+	e, _ := p.waitLog(60*time.Second, from, "the new master", func(e entry) bool {
+		return e.event() == events.MasterUpgradeServing || e.event() == events.MasterUpgradeFailed
+	})
+	if e.event() != events.MasterUpgradeServing {
+		t.Fatalf("master upgrade failed: %s", e.str("reason"))
+	}
+	newPID := e.num("pid")
+	deadline := time.Now().Add(60 * time.Second)
+	for alive(old) || readPID(t, pidFile) != newPID {
+		if time.Now().After(deadline) {
+			t.Fatalf("old master %d alive %v, pid file %d, new master %d", old, alive(old), readPID(t, pidFile), newPID)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return newPID
+}
+
+// replaceFile atomically replaces path with content (mode 0755).
+func replaceFile(t *testing.T, path string, content []byte) {
+	t.Helper()
+	tmp := path + ".new"
+	if err := os.WriteFile(tmp, content, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -19,27 +19,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// twMaster starts a master running testworker with script, reporting to a
-// fresh file. It waits for the first generation to serve.
-func twMaster(t *testing.T, workers int, script string, o masterOpts) (*proc, string) {
-	t.Helper()
-	report := filepath.Join(t.TempDir(), "report.jsonl")
-	o.args = append([]string{"-w", strconv.Itoa(workers)}, append(o.args, "--", binPath("testworker"))...)
-	o.env = append(o.env, "TW_SCRIPT="+script, "TW_REPORT="+report)
-	p := startMaster(t, o)
-	p.waitServing()
-	return p, report
-}
-
-// listens returns the reports of op in generation gen, grouped by pid.
-func listensByPID(rs []twReport, op string, gen int) map[int][]twReport {
-	out := map[int][]twReport{}
-	for _, r := range opsOf(rs, op, gen) {
-		out[r.PID] = append(out[r.PID], r)
-	}
-	return out
-}
-
 // Row: Listen(":0") twice in every worker; the k-th port-0 listen of every
 // worker, in every generation, gets the same port.
 func TestListenPortZeroIndex(t *testing.T) {
@@ -150,54 +129,6 @@ func TestListenFD(t *testing.T) {
 	if got := udpAsk(t, uaddr, "ping"); !strings.Contains(got, "got=ping") {
 		t.Errorf("udp fd 5 answered %q", got)
 	}
-}
-
-// rawSocket makes a socket on 127.0.0.1 with a kernel-chosen port, bound
-// and optionally listening, without the net package (so no Fd() games).
-func rawSocket(t *testing.T, typ int, listen bool) int {
-	t.Helper()
-	fd, err := unix.Socket(unix.AF_INET, typ|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Bind(fd, &unix.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if listen {
-		if err := unix.Listen(fd, 128); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return fd
-}
-
-func sockName(t *testing.T, fd int) string {
-	t.Helper()
-	sa, err := unix.Getsockname(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := sa.(*unix.SockaddrInet4)
-	return net.JoinHostPort(net.IP(a.Addr[:]).String(), strconv.Itoa(a.Port))
-}
-
-func udpAsk(t *testing.T, addr, msg string) string {
-	t.Helper()
-	c, err := net.Dial("udp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 512)
-	for i := 0; i < 5; i++ {
-		c.Write([]byte(msg))
-		c.SetReadDeadline(time.Now().Add(time.Second))
-		if n, err := c.Read(buf); err == nil {
-			return string(buf[:n])
-		}
-	}
-	t.Fatalf("no answer from %s", addr)
-	return ""
 }
 
 // Row: a unix socket path relative to the worker's directory; the master

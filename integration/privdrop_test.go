@@ -2,7 +2,6 @@ package integration
 
 import (
 	"fmt"
-	"net"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -16,61 +15,15 @@ import (
 	"github.com/gorolling/gorolling/master/events"
 )
 
-// privilegedPort finds a free port below 1024 on 127.0.0.1.
-func privilegedPort(t *testing.T, skip int) int {
-	t.Helper()
-	for p := 700; p < 1024; p++ {
-		if p == skip {
-			continue
-		}
-		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
-		if err == nil {
-			l.Close()
-			return p
-		}
-	}
-	t.Fatal("no free port below 1024")
-	return 0
-}
-
-// procIDs reads the Uid, Gid and Groups lines of /proc/PID/status.
-func procIDs(t *testing.T, pid int) (uid, gid string, groups []string) {
-	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 1 {
-			continue
-		}
-		switch f[0] {
-		case "Uid:":
-			uid = f[1]
-		case "Gid:":
-			gid = f[1]
-		case "Groups:":
-			groups = f[1:]
-		}
-	}
-	return uid, gid, groups
-}
-
 // TestPrivilegeDrop: with --user nobody the workers run as nobody with its
 // supplementary groups and still serve on a privileged port the master
 // pre-opened; they cannot get an undeclared privileged port, cannot reach
 // the control socket, and can use their notify socket.
 func TestPrivilegeDrop(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("GOROLLING_CI") != "" {
-			t.Fatal("CI must run the tests as root")
-		}
-		t.Skip("needs root")
-	}
+	requireRoot(t)
 	nobody, err := user.Lookup("nobody")
 	if err != nil {
-		t.Skipf("no user nobody: %v", err)
+		t.Fatalf("no user nobody: %v", err)
 	}
 	wantGroups, _ := nobody.GroupIds()
 	slices.Sort(wantGroups)

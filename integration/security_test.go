@@ -6,7 +6,6 @@ package integration
 // processes as root.
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -23,95 +22,6 @@ import (
 	"github.com/gorolling/gorolling/master/events"
 	"golang.org/x/sys/unix"
 )
-
-// requireRoot fails (under GOROLLING_CI) or skips a test that must run as
-// root.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("GOROLLING_CI") != "" {
-		t.Fatal("CI must run the tests as root")
-	}
-	t.Skip("needs root")
-}
-
-// nobodyIDs returns the uid and gid of the account "nobody".
-func nobodyIDs(t *testing.T) (int, int) {
-	t.Helper()
-	u, err := user.Lookup("nobody")
-	if err != nil {
-		t.Fatalf("no user nobody: %v", err)
-	}
-	uid, _ := strconv.Atoi(u.Uid)
-	gid, _ := strconv.Atoi(u.Gid)
-	return uid, gid
-}
-
-// openDir returns a new directory that every account can reach (its
-// parents are made searchable), owned by root with mode 0755.
-func openDir(t *testing.T) string {
-	t.Helper()
-	dir := t.TempDir()
-	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
-		os.Chmod(d, 0o755)
-	}
-	return dir
-}
-
-// nobodyMaster starts a master whose workers run testworker as nobody with
-// script; their reports go to a file nobody may write.
-func nobodyMaster(t *testing.T, workers int, script string, o masterOpts) (*proc, string) {
-	t.Helper()
-	dir := openDir(t)
-	rdir := filepath.Join(dir, "reports")
-	if err := os.Mkdir(rdir, 0o777); err != nil {
-		t.Fatal(err)
-	}
-	os.Chmod(rdir, 0o777)
-	report := filepath.Join(rdir, "report.jsonl")
-	o.args = append([]string{"-w", strconv.Itoa(workers), "--user", "nobody"}, append(o.args, "--", binPath("testworker"))...)
-	o.env = append(o.env, "TW_SCRIPT="+script, "TW_REPORT="+report)
-	p := startMaster(t, o)
-	return p, report
-}
-
-// statusOf asks the master for status --json.
-func statusOf(t *testing.T, ctl string) map[string]any {
-	t.Helper()
-	code, out, errOut := gorolling(t, nil, "status", "--json", "--control", ctl)
-	if code != 0 {
-		t.Fatalf("status: exit %d: %s", code, errOut)
-	}
-	var st map[string]any
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		t.Fatalf("status --json: %v\n%s", err, out)
-	}
-	return st
-}
-
-// fileID is what a test checks to tell that a file was left alone.
-type fileID struct {
-	ino  uint64
-	uid  uint32
-	gid  uint32
-	mode uint32
-	data string
-}
-
-func identify(t *testing.T, path string) fileID {
-	t.Helper()
-	var st unix.Stat_t
-	if err := unix.Lstat(path, &st); err != nil {
-		t.Fatalf("%s: %v", path, err)
-	}
-	id := fileID{ino: st.Ino, uid: st.Uid, gid: st.Gid, mode: st.Mode}
-	if st.Mode&unix.S_IFMT == unix.S_IFREG {
-		id.data = string(readFile(t, path))
-	}
-	return id
-}
 
 // TestAttackSymlinkSwap: nobody workers swap a directory of the paths they
 // ask for with a symlink to a root-owned directory, as fast as they can, for

@@ -15,56 +15,6 @@ import (
 	"github.com/gorolling/gorolling/master/events"
 )
 
-// masterPIDs lists the live gorolling master processes started from dir
-// (processes running a gorolling binary there with "exec" in argv).
-func masterPIDs(t *testing.T, exe string) []int {
-	t.Helper()
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || !alive(pid) {
-			continue
-		}
-		l, err := os.Readlink("/proc/" + e.Name() + "/exe")
-		if err != nil || strings.TrimSuffix(l, " (deleted)") != exe {
-			continue
-		}
-		cmdline, _ := os.ReadFile("/proc/" + e.Name() + "/cmdline")
-		if slices.Contains(strings.Split(string(cmdline), "\x00"), "exec") {
-			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// masterUpgrade sends SIGUSR2 to the master in pidFile and waits until the
-// new master serves, the old one has exited and the PID file names the new
-// one. It returns the new master's pid.
-func masterUpgrade(t *testing.T, p *proc, pidFile string) int {
-	t.Helper()
-	old := readPID(t, pidFile)
-	from := len(p.entries())
-	if err := syscall.Kill(old, syscall.SIGUSR2); err != nil {
-		t.Fatalf("signal master %d: %v", old, err)
-	}
-	e, _ := p.waitLog(60*time.Second, from, "the new master", func(e entry) bool {
-		return e.event() == events.MasterUpgradeServing || e.event() == events.MasterUpgradeFailed
-	})
-	if e.event() != events.MasterUpgradeServing {
-		t.Fatalf("master upgrade failed: %s", e.str("reason"))
-	}
-	newPID := e.num("pid")
-	deadline := time.Now().Add(60 * time.Second)
-	for alive(old) || readPID(t, pidFile) != newPID {
-		if time.Now().After(deadline) {
-			t.Fatalf("old master %d alive %v, pid file %d, new master %d", old, alive(old), readPID(t, pidFile), newPID)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return newPID
-}
-
 // TestMasterSelfUpgradeUnderLoad: five consecutive USR2s under the
 // non-retrying load loop (keep-alive and new-connection clients at once):
 // zero failed requests, the PID file names each new master, and one master
@@ -190,9 +140,7 @@ func TestUpgradeWait(t *testing.T) {
 // connect, and if the file's permissions are opened up, SO_PEERCRED still
 // refuses them; a malformed request gets an error and changes nothing.
 func TestControlSocketSecurity(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run a client as another user")
-	}
+	requireRoot(t) // to run a client as another user
 	// A control directory other users could traverse, were it not 0700.
 	dir := t.TempDir()
 	for d := dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
@@ -354,8 +302,9 @@ func TestStatusAndScale(t *testing.T) {
 }
 
 // TestSystemdNotify: under systemd (NOTIFY_SOCKET) the master says READY=1
-// once it serves; on a self-upgrade it says RELOADING=1, and the new master
-// says MAINPID=<its pid> and READY=1, so Type=notify units follow it.
+// once it serves; on a self-upgrade it says RELOADING=1, and then
+// MAINPID=<the new master's pid> and READY=1, so Type=notify units follow
+// it. Workers never see the master's NOTIFY_SOCKET: each has its own.
 func TestSystemdNotify(t *testing.T) {
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "notify.sock")
@@ -389,8 +338,7 @@ func TestSystemdNotify(t *testing.T) {
 		}
 	}
 	pidFile := filepath.Join(dir, "pid")
-	p := startMaster(t, masterOpts{args: []string{"-w", "1", "--pid-file", pidFile, "--", binPath("example-server"), "-listen", "127.0.0.1:0"}, env: []string{"NOTIFY_SOCKET=" + sock}})
-	p.waitServing()
+	p, report := twMaster(t, 1, "env NOTIFY_SOCKET; listen tcp 127.0.0.1:0", masterOpts{args: []string{"--pid-file", pidFile}, env: []string{"NOTIFY_SOCKET=" + sock}})
 	next("READY=1")
 	newPID := masterUpgrade(t, p, pidFile)
 	next("RELOADING=1")
@@ -398,10 +346,10 @@ func TestSystemdNotify(t *testing.T) {
 	if !strings.Contains(m, "MAINPID="+strconv.Itoa(newPID)) || !strings.Contains(m, "READY=1") {
 		t.Fatalf("new master said %q, want MAINPID=%d and READY=1", m, newPID)
 	}
-	// Workers never see the master's NOTIFY_SOCKET.
-	for _, e := range p.entries() {
-		if strings.Contains(e.str("notify"), sock) {
-			t.Fatal("the master's notify socket leaked")
+	rs := waitReports(t, report, 10*time.Second, "the workers' environment", func(rs []twReport) bool { return len(opsOf(rs, "env", 0)) >= 2 })
+	for _, r := range opsOf(rs, "env", 0) {
+		if r.Env == "" || r.Env == sock {
+			t.Errorf("worker %d has NOTIFY_SOCKET=%q; the master's is %s", r.PID, r.Env, sock)
 		}
 	}
 }

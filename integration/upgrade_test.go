@@ -2,16 +2,19 @@ package integration
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/procfs"
 )
 
 // TestUpgradeUnderLoad: 32 non-retrying clients for at least 10 s while the
@@ -84,27 +87,6 @@ func upgradeUnderLoad(t *testing.T, keepAlive bool) {
 	if b := blockingSockets(t, p.pid); len(b) > 0 {
 		t.Errorf("master sockets in blocking mode: fds %v", b)
 	}
-}
-
-// replaceFile atomically replaces path with content (mode 0755).
-func replaceFile(t *testing.T, path string, content []byte) {
-	t.Helper()
-	tmp := path + ".new"
-	if err := os.WriteFile(tmp, content, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func readFile(t *testing.T, path string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
 }
 
 // TestRollback replaces the program by one that crashes at start, then by
@@ -193,6 +175,9 @@ func TestKillWorkerUnderLoad(t *testing.T) {
 			victim, slot = e.num("pid"), 2
 		}
 	}
+	if victim <= 0 {
+		t.Fatal("no worker of slot 2 was logged") // never signal pid 0
+	}
 	from := len(p.entries())
 	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
@@ -239,6 +224,20 @@ func TestStopSignals(t *testing.T) {
 				t.Fatalf("unix socket: %v", err)
 			}
 			pids := p.workerPIDs(1)
+			// Workers lead process groups of their own, so a terminal's
+			// Ctrl-C reaches only the master, which drains them in order.
+			for _, pid := range pids {
+				if st, err := procfs.ReadStat(pid); err != nil || st.PGrp != pid {
+					t.Fatalf("worker %d is in process group %d (%v), want its own", pid, st.PGrp, err)
+				}
+			}
+			// Everything the master started, to check after it is gone
+			// (once it exits, its children are someone else's).
+			started := append([]int(nil), pids...)
+			for _, pid := range pids {
+				started = append(started, children(pid)...)
+			}
+			started = append(started, children(p.pid)...)
 			if tc.group {
 				syscall.Kill(-p.pid, tc.sig)
 			} else {
@@ -252,8 +251,10 @@ func TestStopSignals(t *testing.T) {
 					t.Errorf("worker %d still runs", pid)
 				}
 			}
-			if c := children(p.pid); len(c) > 0 {
-				t.Errorf("processes left with the master as parent: %v", c)
+			for _, pid := range started {
+				if alive(pid) {
+					t.Errorf("process %d, started by the master, outlived it", pid)
+				}
 			}
 			if _, err := os.Stat(sock); !os.IsNotExist(err) {
 				t.Errorf("unix socket file still there after stop (stat: %v)", err)
@@ -387,4 +388,45 @@ func TestMasterDeath(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+}
+
+// TestRequestLongerThanGraceAcrossHUP: a request that takes longer than the
+// drain's keep-alive grace (2 s) is in flight when the HUP comes. The old
+// worker answers it in full, and only then does its generation finish.
+func TestRequestLongerThanGraceAcrossHUP(t *testing.T) {
+	p := startMaster(t, masterOpts{args: []string{"-w", "2", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	p.waitServing()
+	addr := p.listenAddr(5 * time.Second)
+	type answer struct {
+		status, gen int
+		body        string
+		err         error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		c := &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+		resp, err := c.Post("http://"+addr+"/?sleep=4s", "text/plain", strings.NewReader("slow"))
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		gen, _ := strconv.Atoi(resp.Header.Get("X-Generation"))
+		done <- answer{status: resp.StatusCode, gen: gen, body: string(b), err: err}
+	}()
+	time.Sleep(300 * time.Millisecond) // the request is in its handler
+	start := time.Now()
+	if gen := p.upgrade(60 * time.Second); gen != 2 {
+		t.Fatalf("generation %d took over, want 2", gen)
+	}
+	took := time.Since(start)
+	a := <-done
+	if a.err != nil || a.status != 200 || a.gen != 1 {
+		t.Fatalf("the slow request: status %d from generation %d, err %v", a.status, a.gen, a.err)
+	}
+	if took < 3*time.Second {
+		t.Fatalf("the upgrade finished after %s, before the old worker's request ended", took)
+	}
+	t.Logf("upgrade finished %s after the HUP, once the 4 s request was answered", took.Round(time.Millisecond))
 }

@@ -38,6 +38,7 @@
 //	                        goroutines for D, then go on
 //	fakecontrol PATH        serve a forged gorolling control socket at PATH
 //	                        (mode 0777) until drained
+//	env NAME                report $NAME (as it was at start) in "env"
 //	blockall                switch every listener's shared socket to
 //	                        blocking mode (as a careless program would)
 //
@@ -99,6 +100,17 @@ type report struct {
 	OK int `json:"ok,omitempty"`
 }
 
+// startEnv is the environment as the worker started with it (the worker
+// package removes variables it consumes).
+var startEnv = func() map[string]string {
+	m := map[string]string{}
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		m[k] = v
+	}
+	return m
+}()
+
 var reportFile *os.File
 
 func emit(r report) {
@@ -128,7 +140,6 @@ func main() {
 		reportFile = f
 	}
 	emit(report{Op: "fds", FDs: startFDs, Env: os.Getenv("GOROLLING_FD")})
-	worker.HandleSignals() // the master's SIGTERM after "drain" must not kill us
 
 	var listeners []net.Listener
 	var packets []net.PacketConn
@@ -209,6 +220,8 @@ func main() {
 					c.Close()
 				}
 			}()
+		case "env":
+			r.Env = startEnv[args[0]]
 		case "blockall":
 			for _, l := range listeners {
 				if sc, ok := l.(syscall.Conn); ok {
@@ -311,6 +324,7 @@ func main() {
 		go echo(pc)
 	}
 	if len(listeners) == 0 {
+		worker.HandleSignals() // the master's SIGTERM after "drain" must not kill us
 		if ready {
 			worker.Ready()
 		}
