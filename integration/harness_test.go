@@ -654,11 +654,6 @@ func readPID(t *testing.T, path string) int {
 	return n
 }
 
-// copyFile copies src to dst with mode 0755.
-func copyFile(t *testing.T, src, dst string) {
-	t.Helper()
-	replaceFile(t, dst, readFile(t, src))
-}
 
 // pyReport is the start report of examples/python/server.py.
 type pyReport struct {

@@ -5,8 +5,8 @@ import "time"
 // clock is the master's time: real in production, driven by hand in the
 // state machines' tests.
 type clock interface {
-	Now() time.Time
-	AfterFunc(d time.Duration, f func()) timer
+	now() time.Time
+	afterFunc(d time.Duration, f func()) timer
 }
 
 // timer is a scheduled call; Stop cancels it if it has not run.
@@ -14,8 +14,8 @@ type timer interface{ Stop() bool }
 
 type realClock struct{}
 
-func (realClock) Now() time.Time                            { return time.Now() }
-func (realClock) AfterFunc(d time.Duration, f func()) timer { return time.AfterFunc(d, f) }
+func (realClock) now() time.Time                            { return time.Now() }
+func (realClock) afterFunc(d time.Duration, f func()) timer { return time.AfterFunc(d, f) }
 
 // Respawn backoff per slot: 100 ms after a crash, doubling with each crash
 // in a row up to 30 s, back to 100 ms once a worker has lived a minute.

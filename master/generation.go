@@ -10,39 +10,39 @@ import (
 	"github.com/gorolling/gorolling/master/events"
 )
 
-// GenState is where a generation is in its life.
-type GenState int
+// genState is where a generation is in its life.
+type genState int
 
 // Generation states.
 const (
-	// GenStarting: spawned by an upgrade, not yet serving. A worker that
+	// genStarting: spawned by an upgrade, not yet serving. A worker that
 	// exits now fails the generation; nothing is respawned.
-	GenStarting GenState = iota
-	// GenServing: the current generation. Crashed workers are respawned.
-	GenServing
-	// GenDraining: told to finish and exit.
-	GenDraining
-	// GenStopped: every worker has exited.
-	GenStopped
+	genStarting genState = iota
+	// genServing: the current generation. Crashed workers are respawned.
+	genServing
+	// genDraining: told to finish and exit.
+	genDraining
+	// genStopped: every worker has exited.
+	genStopped
 )
 
 // String names the state as status shows it.
-func (s GenState) String() string {
+func (s genState) String() string {
 	switch s {
-	case GenStarting:
+	case genStarting:
 		return "starting"
-	case GenServing:
+	case genServing:
 		return "serving"
-	case GenDraining:
+	case genDraining:
 		return "draining"
-	case GenStopped:
+	case genStopped:
 		return "stopped"
 	}
 	return "unknown"
 }
 
-// ErrStopped is returned by waits on a generation that was drained.
-var ErrStopped = errors.New("master: generation stopped")
+// errStopped is returned by waits on a generation that was drained.
+var errStopped = errors.New("master: generation stopped")
 
 // Generation is one set of N workers started from one program file. Its
 // mutable fields are guarded by the master's mutex.
@@ -55,7 +55,7 @@ type Generation struct {
 	Started time.Time
 
 	m       *Master
-	state   GenState
+	state   genState
 	slots   []*slot
 	live    int   // spawned and not yet reaped
 	failure error // first worker exit while starting
@@ -93,16 +93,16 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 	g := &Generation{
 		Num:     m.lastGen,
 		Path:    path,
-		Started: m.cfg.clock.Now(),
+		Started: m.cfg.clock.now(),
 		m:       m,
-		state:   GenStarting,
+		state:   genStarting,
 		drained: make(chan struct{}),
 	}
 	for i := 0; i < m.workers; i++ {
 		g.slots = append(g.slots, &slot{index: i})
 	}
 	if serving {
-		g.state = GenServing
+		g.state = genServing
 		m.serving = g
 	}
 	m.gens = append(m.gens, g)
@@ -126,7 +126,7 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 // startSlot spawns the slot's worker, unless the generation has moved on.
 func (m *Master) startSlot(g *Generation, s *slot) error {
 	m.mu.Lock()
-	if g.state >= GenDraining || m.stopping {
+	if g.state >= genDraining || m.stopping {
 		m.mu.Unlock()
 		return nil
 	}
@@ -146,11 +146,11 @@ func (m *Master) startSlot(g *Generation, s *slot) error {
 func (m *Master) workerReady(w *Worker, via string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if w.state != WorkerStarting {
+	if w.state != workerStarting {
 		return
 	}
-	w.state = WorkerReady
-	w.readyAt = m.cfg.clock.Now()
+	w.state = workerReadyState
+	w.readyAt = m.cfg.clock.now()
 	for _, s := range w.gen.slots {
 		if s.w == w {
 			s.everReady = true
@@ -168,7 +168,7 @@ func (m *Master) workerExited(w *Worker, desc string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	prev := w.state
-	w.state = WorkerExited
+	w.state = workerExitedState
 	close(w.done)
 	g := w.gen
 	g.live--
@@ -181,18 +181,18 @@ func (m *Master) workerExited(w *Worker, desc string) {
 	if s != nil {
 		s.pinned = nil // the exited worker itself now holds what its slot needs
 	}
-	uptime := m.cfg.clock.Now().Sub(w.spawnedAt)
+	uptime := m.cfg.clock.now().Sub(w.spawnedAt)
 	switch {
-	case prev == WorkerDraining || g.state >= GenDraining || m.stopping || s == nil:
+	case prev == workerDraining || g.state >= genDraining || m.stopping || s == nil:
 		w.log.Info("worker exited", events.Key, events.WorkerExited, "status", desc, "uptime", uptime.Round(time.Millisecond))
-	case g.state == GenStarting:
+	case g.state == genStarting:
 		w.log.Error("worker exited before its generation took over", events.Key, events.WorkerExited, "status", desc)
 		if g.failure == nil {
 			g.failure = fmt.Errorf("worker slot %d (pid %d) %s before the generation was ready", w.Slot, w.pid, desc)
 		}
 	default:
-		if prev == WorkerStarting && !s.everReady && s.failedAt.IsZero() {
-			s.failedAt = m.cfg.clock.Now()
+		if prev == workerStarting && !s.everReady && s.failedAt.IsZero() {
+			s.failedAt = m.cfg.clock.now()
 		}
 		s.lastExit = desc
 		d := s.backoff.next(uptime)
@@ -204,12 +204,12 @@ func (m *Master) workerExited(w *Worker, desc string) {
 
 // scheduleRespawnLocked starts s's next worker after d.
 func (m *Master) scheduleRespawnLocked(g *Generation, s *slot, d time.Duration) {
-	s.timer = m.cfg.clock.AfterFunc(d, func() { m.respawn(g, s) })
+	s.timer = m.cfg.clock.afterFunc(d, func() { m.respawn(g, s) })
 }
 
 func (m *Master) respawn(g *Generation, s *slot) {
 	m.mu.Lock()
-	if g.state != GenServing || m.stopping || !g.hasSlotLocked(s) {
+	if g.state != genServing || m.stopping || !g.hasSlotLocked(s) {
 		m.mu.Unlock()
 		return
 	}
@@ -221,7 +221,7 @@ func (m *Master) respawn(g *Generation, s *slot) {
 		defer m.mu.Unlock()
 		d := s.backoff.next(0)
 		m.log.Error("respawn failed; trying again", "generation", g.Num, "slot", s.index, "error", err, "backoff", d)
-		if g.state == GenServing && !m.stopping {
+		if g.state == genServing && !m.stopping {
 			m.scheduleRespawnLocked(g, s, d)
 		}
 	}
@@ -244,8 +244,8 @@ func (g *Generation) WaitReady(ctx context.Context) error {
 		if g.failure != nil {
 			return true, g.failure
 		}
-		if g.state >= GenDraining {
-			return true, ErrStopped
+		if g.state >= genDraining {
+			return true, errStopped
 		}
 		return g.readyLocked() == len(g.slots), nil
 	}, func() error {
@@ -262,8 +262,8 @@ func (g *Generation) WaitFirst(ctx context.Context) error {
 		if g.failure != nil {
 			return true, g.failure
 		}
-		if g.state >= GenDraining {
-			return true, ErrStopped
+		if g.state >= genDraining {
+			return true, errStopped
 		}
 		ready, failed := 0, 0
 		var last string
@@ -294,7 +294,7 @@ func (g *Generation) WaitFirst(ctx context.Context) error {
 func (g *Generation) readyLocked() int {
 	n := 0
 	for _, s := range g.slots {
-		if s.w != nil && s.w.state == WorkerReady {
+		if s.w != nil && s.w.state == workerReadyState {
 			n++
 		}
 	}
@@ -322,11 +322,11 @@ func (g *Generation) ReadyTiming() time.Duration {
 func (g *Generation) Drain() {
 	m := g.m
 	m.mu.Lock()
-	if g.state < GenDraining {
+	if g.state < genDraining {
 		if m.serving == g {
 			m.serving = nil
 		}
-		g.state = GenDraining
+		g.state = genDraining
 		for _, s := range g.slots {
 			if s.timer != nil {
 				s.timer.Stop()
@@ -342,8 +342,8 @@ func (g *Generation) Drain() {
 	m.mu.Unlock()
 	_ = m.waitFor(nil, func() (bool, error) { return g.live == 0, nil }, nil)
 	m.mu.Lock()
-	if g.state != GenStopped {
-		g.state = GenStopped
+	if g.state != genStopped {
+		g.state = genStopped
 		for i, x := range m.gens {
 			if x == g {
 				m.gens = append(m.gens[:i], m.gens[i+1:]...)
@@ -351,7 +351,7 @@ func (g *Generation) Drain() {
 			}
 		}
 		close(g.drained)
-		m.log.Info("generation stopped", events.Key, events.GenerationStopped, "generation", g.Num, "duration", m.cfg.clock.Now().Sub(g.Started).Round(time.Millisecond))
+		m.log.Info("generation stopped", events.Key, events.GenerationStopped, "generation", g.Num, "duration", m.cfg.clock.now().Sub(g.Started).Round(time.Millisecond))
 		m.notifyLocked()
 	}
 	m.mu.Unlock()
@@ -418,7 +418,7 @@ func (m *Master) Scale(n int) error {
 		return errors.New("scale: the master is stopping")
 	}
 	for _, g := range m.gens {
-		if g.state == GenStarting {
+		if g.state == genStarting {
 			m.mu.Unlock()
 			return errors.New("scale: an upgrade is starting a generation; scale again when it is done")
 		}

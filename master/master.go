@@ -88,14 +88,14 @@ type Master struct {
 	stopped  chan struct{}
 }
 
-// ErrNoProgram is returned by New when Config.Program is empty.
-var ErrNoProgram = errors.New("master: no program to run")
+// errNoProgram is returned by New when Config.Program is empty.
+var errNoProgram = errors.New("master: no program to run")
 
 // New checks cfg and returns a master with no workers yet. Start the first
 // generation with StartGeneration.
 func New(cfg Config) (*Master, error) {
 	if cfg.Program == "" {
-		return nil, ErrNoProgram
+		return nil, errNoProgram
 	}
 	if cfg.Workers < 1 || cfg.Workers > maxWorkers {
 		return nil, fmt.Errorf("master: workers must be 1 to %d, got %d", maxWorkers, cfg.Workers)
@@ -230,14 +230,14 @@ func (m *Master) Serving() *Generation {
 func (m *Master) Promote(g *Generation) (*Generation, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if g.state != GenStarting && g.state != GenServing {
+	if g.state != genStarting && g.state != genServing {
 		return nil, fmt.Errorf("promote generation %d: it is %s", g.Num, g.state)
 	}
 	old := m.serving
 	if old == g {
 		return nil, nil
 	}
-	g.state = GenServing
+	g.state = genServing
 	m.serving = g
 	m.notifyLocked()
 	return old, nil

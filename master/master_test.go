@@ -21,7 +21,7 @@ import (
 // fakeClock is a clock whose timers fire when the test advances it.
 type fakeClock struct {
 	mu     sync.Mutex
-	now    time.Time
+	t      time.Time
 	timers []*fakeTimer
 }
 
@@ -42,16 +42,16 @@ func (t *fakeTimer) Stop() bool {
 	return was
 }
 
-func (c *fakeClock) Now() time.Time {
+func (c *fakeClock) now() time.Time {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return c.now
+	return c.t
 }
 
-func (c *fakeClock) AfterFunc(d time.Duration, f func()) timer {
+func (c *fakeClock) afterFunc(d time.Duration, f func()) timer {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	t := &fakeTimer{c: c, at: c.now.Add(d), d: d, f: f}
+	t := &fakeTimer{c: c, at: c.t.Add(d), d: d, f: f}
 	c.timers = append(c.timers, t)
 	return t
 }
@@ -59,10 +59,10 @@ func (c *fakeClock) AfterFunc(d time.Duration, f func()) timer {
 // advance moves time by d and runs the timers that are due, in order.
 func (c *fakeClock) advance(d time.Duration) {
 	c.mu.Lock()
-	c.now = c.now.Add(d)
+	c.t = c.t.Add(d)
 	var due []*fakeTimer
 	for _, t := range c.timers {
-		if !t.stopped && !t.fired && !t.at.After(c.now) {
+		if !t.stopped && !t.fired && !t.at.After(c.t) {
 			t.fired = true
 			due = append(due, t)
 		}
@@ -217,7 +217,7 @@ func (f *fakeFleet) count() int {
 func newTestMaster(t *testing.T, workers int, next func(int) behaviour) (*Master, *fakeFleet, *fakeClock) {
 	t.Helper()
 	fl := &fakeFleet{next: next}
-	clk := &fakeClock{now: time.Unix(1e9, 0)}
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	reg := registry.New(registry.Options{})
 	m, err := New(Config{
 		Program: "/fake/server", Workers: workers, DrainTimeout: 10 * time.Second,
@@ -280,7 +280,7 @@ func TestRollover(t *testing.T) {
 		t.Fatalf("Promote returned %v, %v; want generation 1", old, err)
 	}
 	old.Drain()
-	if m.Serving() != g2 || g1.state != GenStopped {
+	if m.Serving() != g2 || g1.state != genStopped {
 		t.Fatalf("after the drain: serving %v, generation 1 %s", m.Serving(), g1.state)
 	}
 	for i := 0; i < 2; i++ {
@@ -458,7 +458,7 @@ func TestDrainKillsAfterTimeout(t *testing.T) {
 
 // TestWorkerEnv: the master's own protocol variables never reach a worker.
 func TestWorkerEnv(t *testing.T) {
-	got := WorkerEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/x", "WATCHDOG_USEC=5", "GOROLLING_FD=9", "HOME=/root"}, "GOROLLING_SLOT=0")
+	got := workerEnv([]string{"PATH=/bin", "LISTEN_FDS=2", "LISTEN_PID=1", "NOTIFY_SOCKET=/run/x", "WATCHDOG_USEC=5", "GOROLLING_FD=9", "HOME=/root"}, "GOROLLING_SLOT=0")
 	want := "PATH=/bin HOME=/root GOROLLING_SLOT=0"
 	if strings.Join(got, " ") != want {
 		t.Fatalf("got %v, want %s", got, want)

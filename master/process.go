@@ -109,12 +109,12 @@ func (p *execProcess) Wait() (string, int) {
 	return "exit status " + strconv.Itoa(ps.ExitCode()), ps.ExitCode()
 }
 
-// WorkerEnv builds a worker's environment from base: everything except the
+// workerEnv builds a worker's environment from base: everything except the
 // variables of the protocols the master speaks itself (LISTEN_*,
 // NOTIFY_SOCKET, WATCHDOG_*, GOROLLING_*), followed by extra. Passing the
 // master's own would hand workers its systemd state: a worker would send
 // READY=1 to systemd itself, or take the master's sockets for its own.
-func WorkerEnv(base []string, extra ...string) []string {
+func workerEnv(base []string, extra ...string) []string {
 	out := make([]string, 0, len(base)+len(extra))
 	for _, kv := range base {
 		name, _, _ := strings.Cut(kv, "=")

@@ -10,7 +10,7 @@ import (
 // per generation, the serving generation, every live worker and every
 // socket of the registry with the generations that hold it.
 func (m *Master) FillStatus(st *control.Status) {
-	now := m.cfg.clock.Now()
+	now := m.cfg.clock.now()
 	m.mu.Lock()
 	st.Workers = m.workers
 	st.Generation = 0
@@ -24,7 +24,7 @@ func (m *Master) FillStatus(st *control.Status) {
 		liveGens = append(liveGens, g.Num)
 		for _, s := range g.slots {
 			w := s.w
-			if w == nil || w.state == WorkerExited {
+			if w == nil || w.state == workerExitedState {
 				continue
 			}
 			st.Processes = append(st.Processes, control.WorkerStatus{

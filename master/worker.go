@@ -19,31 +19,31 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// WorkerState is where a worker is in its life.
-type WorkerState int
+// workerState is where a worker is in its life.
+type workerState int
 
 // Worker states.
 const (
-	// WorkerStarting: spawned, not ready yet.
-	WorkerStarting WorkerState = iota
-	// WorkerReady: said it is ready (handoff "ready" or READY=1).
-	WorkerReady
-	// WorkerDraining: told to drain; finishing what it has.
-	WorkerDraining
-	// WorkerExited: reaped.
-	WorkerExited
+	// workerStarting: spawned, not ready yet.
+	workerStarting workerState = iota
+	// workerReadyState: said it is ready (handoff "ready" or READY=1).
+	workerReadyState
+	// workerDraining: told to drain; finishing what it has.
+	workerDraining
+	// workerExitedState: reaped.
+	workerExitedState
 )
 
 // String names the state as status shows it.
-func (s WorkerState) String() string {
+func (s workerState) String() string {
 	switch s {
-	case WorkerStarting:
+	case workerStarting:
 		return "starting"
-	case WorkerReady:
+	case workerReadyState:
 		return "ready"
-	case WorkerDraining:
+	case workerDraining:
 		return "draining"
-	case WorkerExited:
+	case workerExitedState:
 		return "exited"
 	}
 	return "unknown"
@@ -82,7 +82,7 @@ type Worker struct {
 	spawnedAt time.Time // just before fork
 	done      chan struct{}
 
-	state    WorkerState
+	state    workerState
 	readyAt  time.Time
 	keys     map[handoff.Key]struct{}
 	violated bool
@@ -159,9 +159,9 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 		keys:   make(map[handoff.Key]struct{}),
 		logged: make(map[string]bool),
 	}
-	w.spawnedAt = m.cfg.clock.Now()
+	w.spawnedAt = m.cfg.clock.now()
 	proc, err := m.cfg.start(procSpec{
-		Path: path, Args: args, Env: WorkerEnv(m.cfg.Env, extra...), Dir: m.cfg.Dir,
+		Path: path, Args: args, Env: workerEnv(m.cfg.Env, extra...), Dir: m.cfg.Dir,
 		Files: append(files, wf), Cred: m.cfg.Account.Credential(),
 		Stdout: m.cfg.Stdout, Stderr: m.cfg.Stderr,
 	})
@@ -183,7 +183,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 		s.pinned = prev.keys
 	}
 	s.w = w
-	if g.state >= GenDraining {
+	if g.state >= genDraining {
 		m.drainLocked(w) // a drain began while we forked
 	}
 	m.notifyLocked()
@@ -193,7 +193,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 	go ns.Serve(w.pid, notifyHandler{w})
 	go w.wait()
 	if d := m.cfg.ReadyTimer; d > 0 {
-		m.cfg.clock.AfterFunc(d, func() { m.workerReady(w, "timer") })
+		m.cfg.clock.afterFunc(d, func() { m.workerReady(w, "timer") })
 	}
 	return w, nil
 }
@@ -226,10 +226,10 @@ func (w *Worker) wait() {
 // then SIGKILL if it is still running after the drain timeout. Called with
 // m.mu held; a no-op for a worker already draining or gone.
 func (m *Master) drainLocked(w *Worker) {
-	if w.state == WorkerDraining || w.state == WorkerExited {
+	if w.state == workerDraining || w.state == workerExitedState {
 		return
 	}
-	w.state = WorkerDraining
+	w.state = workerDraining
 	w.log.Info("worker draining")
 	go func() {
 		err := w.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeDrain, TimeoutMS: m.cfg.DrainTimeout.Milliseconds()})
@@ -245,17 +245,17 @@ func (m *Master) drainLocked(w *Worker) {
 // stopWithinLocked sends w sig now and SIGKILL after d, unless it has
 // exited by then. Called with m.mu held.
 func (m *Master) stopWithinLocked(w *Worker, sig syscall.Signal, d time.Duration) {
-	if w.state == WorkerExited {
+	if w.state == workerExitedState {
 		return
 	}
 	w.proc.Signal(sig)
 	if w.killer != nil {
 		return
 	}
-	w.killer = m.cfg.clock.AfterFunc(d, func() {
+	w.killer = m.cfg.clock.afterFunc(d, func() {
 		m.mu.Lock()
 		defer m.mu.Unlock()
-		if w.state != WorkerExited {
+		if w.state != workerExitedState {
 			w.log.Warn("worker still running after the drain timeout; killing it", events.Key, events.WorkerKilled)
 			w.proc.Signal(syscall.SIGKILL)
 		}
@@ -409,7 +409,7 @@ func (w *Worker) warnOnce(what, msg string, args ...any) {
 // signal now, SIGKILL after the drain timeout.
 func (w *Worker) violation(reason string) {
 	w.m.mu.Lock()
-	if w.violated || w.state == WorkerExited {
+	if w.violated || w.state == workerExitedState {
 		w.m.mu.Unlock()
 		return
 	}
@@ -423,7 +423,7 @@ func (w *Worker) violation(reason string) {
 func (w *Worker) exited() bool {
 	w.m.mu.Lock()
 	defer w.m.mu.Unlock()
-	return w.state == WorkerExited
+	return w.state == workerExitedState
 }
 
 // notifyHandler applies what a worker says on its notify socket.
@@ -437,7 +437,7 @@ const statusLogEvery = 10 * time.Second
 
 func (h notifyHandler) Status(text string) {
 	m := h.w.m
-	now := m.cfg.clock.Now()
+	now := m.cfg.clock.now()
 	m.mu.Lock()
 	changed := h.w.status != text
 	h.w.status = text

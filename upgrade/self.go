@@ -267,10 +267,10 @@ func (s *Self) onDisk() (binaryID, bool) {
 	return binaryID{path: p, dev: st.Dev, ino: st.Ino, size: st.Size, mtimeSec: st.Mtim.Sec, mtimeN: st.Mtim.Nsec}, true
 }
 
-// BinaryChanged reports whether the gorolling binary that a self-upgrade
+// binaryChanged reports whether the gorolling binary that a self-upgrade
 // would start (os.Args[0], as tableflip resolves it) is another file than
 // the one this master runs.
-func (s *Self) BinaryChanged() bool {
+func (s *Self) binaryChanged() bool {
 	if s == nil || !s.exeOK {
 		return false
 	}

@@ -70,49 +70,49 @@ func ParseKind(s string) (Kind, error) {
 	return 0, fmt.Errorf("unknown upgrade kind %q (want auto, workers or master)", s)
 }
 
-// Result reports one finished upgrade.
+// Result reports one finished upgrade; Outcome is how it is reported.
 type Result struct {
-	// Kind is what was upgraded: Workers or Master (an Auto request
+	// kind is what was upgraded: Workers or Master (an Auto request
 	// becomes one of them).
-	Kind Kind
-	// NewMaster is the new master's pid after a master upgrade.
-	NewMaster int
-	// From is the generation that served before; To the one started.
-	From, To int
-	// Err is nil if To took over, else why the upgrade rolled back.
-	Err error
-	// MasterErr, for an automatic upgrade that fell back to the workers,
+	kind Kind
+	// newMaster is the new master's pid after a master upgrade.
+	newMaster int
+	// from is the generation that served before; to the one started.
+	from, to int
+	// err is nil if to took over, else why the upgrade rolled back.
+	err error
+	// masterErr, for an automatic upgrade that fell back to the workers,
 	// is why the master upgrade it tried first failed.
-	MasterErr error
-	// Requested is when the (first coalesced) request arrived.
-	Requested time.Time
-	// Ready is how long from the request until every new worker was ready.
-	Ready time.Duration
-	// WorkerStart is the slowest new worker's own time from fork to ready.
-	WorkerStart time.Duration
-	// Finished is how long from the request until the old generation was
+	masterErr error
+	// requested is when the (first coalesced) request arrived.
+	requested time.Time
+	// ready is how long from the request until every new worker was ready.
+	ready time.Duration
+	// workerStart is the slowest new worker's own time from fork to ready.
+	workerStart time.Duration
+	// finished is how long from the request until the old generation was
 	// gone (or, on rollback, until the new one was stopped).
-	Finished time.Duration
+	finished time.Duration
 }
 
 // Outcome is the result as the control socket reports it.
 func (r Result) Outcome() control.UpgradeOutcome {
-	o := control.UpgradeOutcome{Kind: r.Kind.String(), From: r.From, To: r.To, OK: r.Err == nil,
-		DurationMS: r.Finished.Milliseconds(), NewPID: r.NewMaster}
-	if r.Err != nil {
-		o.Error = r.Err.Error()
+	o := control.UpgradeOutcome{Kind: r.kind.String(), From: r.from, To: r.to, OK: r.err == nil,
+		DurationMS: r.finished.Milliseconds(), NewPID: r.newMaster}
+	if r.err != nil {
+		o.Error = r.err.Error()
 	}
-	if r.MasterErr != nil {
-		o.MasterError = r.MasterErr.Error()
+	if r.masterErr != nil {
+		o.MasterError = r.masterErr.Error()
 	}
 	return o
 }
 
 // Errors of a Manager.
 var (
-	// ErrStopping is the result of an upgrade requested or interrupted
+	// errStopping is the result of an upgrade requested or interrupted
 	// while the master stops.
-	ErrStopping = errors.New("upgrade: the master is stopping")
+	errStopping = errors.New("upgrade: the master is stopping")
 	// ErrHandedOver is what Run returns once a new master serves: this
 	// master drains its workers and exits, keeping every socket file for
 	// its successor.
@@ -181,7 +181,7 @@ func (u *Manager) Trigger(kind Kind) <-chan Result {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.ctx.Err() != nil || u.fl.stopping() {
-		ch <- Result{Err: ErrStopping, Requested: now, Kind: kind}
+		ch <- Result{err: errStopping, requested: now, kind: kind}
 		return ch
 	}
 	if u.pending == nil {
@@ -203,10 +203,10 @@ func (u *Manager) Trigger(kind Kind) <-chan Result {
 // Stop. It returns the start's error if the first generation fails (after
 // stopping what it started), ErrHandedOver once a master upgrade has
 // succeeded, and nil after Stop. Requests still queued then get
-// ErrStopping (or, after a hand-over, an error that names it).
+// errStopping (or, after a hand-over, an error that names it).
 func (u *Manager) Run() error {
 	if err := u.start(); err != nil {
-		u.flush(ErrStopping)
+		u.flush(errStopping)
 		if u.ctx.Err() != nil {
 			return nil
 		}
@@ -215,7 +215,7 @@ func (u *Manager) Run() error {
 	for {
 		select {
 		case <-u.ctx.Done():
-			u.flush(ErrStopping)
+			u.flush(errStopping)
 			return nil
 		case <-u.wake:
 		}
@@ -230,7 +230,7 @@ func (u *Manager) Run() error {
 		for _, w := range req.waiters {
 			w <- res
 		}
-		if res.Kind == Master && res.Err == nil {
+		if res.kind == Master && res.err == nil {
 			u.flush(errors.New("the master was replaced; ask the new master"))
 			return ErrHandedOver
 		}
@@ -249,7 +249,7 @@ func (u *Manager) flush(err error) {
 	u.mu.Unlock()
 	if req != nil {
 		for _, w := range req.waiters {
-			w <- Result{Err: err, Requested: req.at, Kind: req.kind}
+			w <- Result{err: err, requested: req.at, kind: req.kind}
 		}
 	}
 }
@@ -337,7 +337,7 @@ func (u *Manager) run(at time.Time, kind Kind) Result {
 	auto := kind == Auto
 	if auto {
 		kind = Workers
-		if u.cfg.Self.BinaryChanged() {
+		if u.cfg.Self.binaryChanged() {
 			id, ok := u.cfg.Self.onDisk()
 			u.mu.Lock()
 			failed := ok && u.failedBinary != nil && id == *u.failedBinary
@@ -354,22 +354,22 @@ func (u *Manager) run(at time.Time, kind Kind) Result {
 	var res Result
 	if kind == Master {
 		res = u.runMaster(at)
-		if res.Err != nil && auto {
-			u.log.Warn("master upgrade failed; upgrading the workers instead", events.Key, events.MasterUpgradeFallback, "reason", res.Err.Error())
-			merr := res.Err
+		if res.err != nil && auto {
+			u.log.Warn("master upgrade failed; upgrading the workers instead", events.Key, events.MasterUpgradeFallback, "reason", res.err.Error())
+			merr := res.err
 			res = u.runWorkers(at)
-			res.MasterErr = merr
-			if res.Err != nil {
-				res.Err = fmt.Errorf("%w (the master upgrade tried first failed too: %v)", res.Err, merr)
+			res.masterErr = merr
+			if res.err != nil {
+				res.err = fmt.Errorf("%w (the master upgrade tried first failed too: %v)", res.err, merr)
 			}
 		}
 	} else {
 		res = u.runWorkers(at)
 	}
-	if res.Kind == Master && res.Err == nil {
+	if res.kind == Master && res.err == nil {
 		// systemd believes only its main process (NotifyAccess=main), and
 		// that is still this master: it names its successor.
-		u.cfg.Self.notify(fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving", res.NewMaster))
+		u.cfg.Self.notify(fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving", res.newMaster))
 	} else {
 		u.cfg.Self.notify("READY=1\nSTATUS=serving")
 	}
@@ -379,23 +379,23 @@ func (u *Manager) run(at time.Time, kind Kind) Result {
 
 // runMaster re-execs the master (see Self).
 func (u *Manager) runMaster(at time.Time) Result {
-	res := Result{Requested: at, Kind: Master}
+	res := Result{requested: at, kind: Master}
 	if cur := u.fl.serving(); cur != nil {
-		res.From = cur.number()
+		res.from = cur.number()
 	}
 	if u.cfg.Self == nil {
-		res.Err = errors.New("master self-upgrade is not available in this process")
+		res.err = errors.New("master self-upgrade is not available in this process")
 		return res
 	}
-	u.log.Info("master upgrade started", events.Key, events.MasterUpgradeStarted, "from", res.From)
+	u.log.Info("master upgrade started", events.Key, events.MasterUpgradeStarted, "from", res.from)
 	u.setNote("starting a new master")
 	lastGen, lastID := u.fl.counters()
 	tried, known := u.cfg.Self.onDisk()
 	pid, err := u.cfg.Self.upgrade(lastGen, lastID, u.setNote)
-	res.Finished = time.Since(at)
+	res.finished = time.Since(at)
 	if err != nil {
-		res.Err = err
-		u.log.Error("master upgrade failed; this master keeps serving", events.Key, events.MasterUpgradeFailed, "reason", err.Error(), "duration", res.Finished.Round(time.Millisecond))
+		res.err = err
+		u.log.Error("master upgrade failed; this master keeps serving", events.Key, events.MasterUpgradeFailed, "reason", err.Error(), "duration", res.finished.Round(time.Millisecond))
 		u.mu.Lock()
 		if known {
 			u.failedBinary = &tried
@@ -404,30 +404,30 @@ func (u *Manager) runMaster(at time.Time) Result {
 		u.mu.Unlock()
 		return res
 	}
-	res.NewMaster, res.Ready, res.To = pid, res.Finished, lastGen+1
-	u.log.Info("master upgrade ready: the new master serves; draining this one", events.Key, events.MasterUpgradeReady, "new_pid", pid, "duration", res.Finished.Round(time.Millisecond))
+	res.newMaster, res.ready, res.to = pid, res.finished, lastGen+1
+	u.log.Info("master upgrade ready: the new master serves; draining this one", events.Key, events.MasterUpgradeReady, "new_pid", pid, "duration", res.finished.Round(time.Millisecond))
 	return res
 }
 
 // runWorkers performs one worker rollover.
 func (u *Manager) runWorkers(at time.Time) Result {
-	res := Result{Requested: at, Kind: Workers}
+	res := Result{requested: at, kind: Workers}
 	if cur := u.fl.serving(); cur != nil {
-		res.From = cur.number()
+		res.from = cur.number()
 	}
-	u.log.Info("upgrade started", events.Key, events.UpgradeStarted, "from", res.From)
+	u.log.Info("upgrade started", events.Key, events.UpgradeStarted, "from", res.from)
 	fail := func(g generation, err error) Result {
-		res.Err = err
+		res.err = err
 		if g != nil {
-			res.To = g.number()
+			res.to = g.number()
 			g.drain()
 		}
-		res.Finished = time.Since(at)
-		u.log.Error("upgrade rolled back", events.Key, events.UpgradeRolledBack, "generation", res.To, "serving", res.From, "reason", err.Error(), "duration", res.Finished.Round(time.Millisecond))
+		res.finished = time.Since(at)
+		u.log.Error("upgrade rolled back", events.Key, events.UpgradeRolledBack, "generation", res.to, "serving", res.from, "reason", err.Error(), "duration", res.finished.Round(time.Millisecond))
 		return res
 	}
 	if u.ctx.Err() != nil {
-		return fail(nil, ErrStopping)
+		return fail(nil, errStopping)
 	}
 	path, err := u.fl.resolve()
 	if err != nil {
@@ -437,7 +437,7 @@ func (u *Manager) runWorkers(at time.Time) Result {
 	if err != nil {
 		return fail(g, err)
 	}
-	res.To = g.number()
+	res.to = g.number()
 	u.setNote(fmt.Sprintf("starting generation %d", g.number()))
 	ctx, cancel := context.WithTimeout(u.ctx, u.cfg.ReadyTimeout)
 	err = g.waitReady(ctx)
@@ -445,7 +445,7 @@ func (u *Manager) runWorkers(at time.Time) Result {
 	if err != nil {
 		switch {
 		case u.ctx.Err() != nil:
-			err = ErrStopping
+			err = errStopping
 		case errors.Is(err, context.DeadlineExceeded):
 			err = fmt.Errorf("new generation not ready within %s: %w", u.cfg.ReadyTimeout, err)
 			if u.cfg.ReadyHint != "" {
@@ -454,23 +454,23 @@ func (u *Manager) runWorkers(at time.Time) Result {
 		}
 		return fail(g, err)
 	}
-	res.Ready = time.Since(at)
-	res.WorkerStart = g.readyTiming()
+	res.ready = time.Since(at)
+	res.workerStart = g.readyTiming()
 	old, err := u.fl.promote(g)
 	if err != nil {
 		return fail(g, err)
 	}
-	u.log.Info("upgrade ready", events.Key, events.UpgradeReady, "generation", g.number(), "from", res.From,
-		"duration", res.Ready.Round(time.Microsecond),
-		"worker_start", res.WorkerStart.Round(time.Microsecond),
-		"overhead", (res.Ready - res.WorkerStart).Round(time.Microsecond))
+	u.log.Info("upgrade ready", events.Key, events.UpgradeReady, "generation", g.number(), "from", res.from,
+		"duration", res.ready.Round(time.Microsecond),
+		"worker_start", res.workerStart.Round(time.Microsecond),
+		"overhead", (res.ready - res.workerStart).Round(time.Microsecond))
 	if old != nil {
 		u.setNote(fmt.Sprintf("draining generation %d", old.number()))
 		old.drain()
 	}
-	res.Finished = time.Since(at)
-	u.log.Info("upgrade finished", events.Key, events.UpgradeFinished, "generation", g.number(), "from", res.From,
-		"duration", res.Finished.Round(time.Millisecond),
-		"drain", (res.Finished - res.Ready).Round(time.Millisecond))
+	res.finished = time.Since(at)
+	u.log.Info("upgrade finished", events.Key, events.UpgradeFinished, "generation", g.number(), "from", res.from,
+		"duration", res.finished.Round(time.Millisecond),
+		"drain", (res.finished - res.ready).Round(time.Millisecond))
 	return res
 }

@@ -146,7 +146,7 @@ func TestRollover(t *testing.T) {
 	fl := &fakeFleet{ready: allReady}
 	u, _, _ := run(t, fl, time.Second)
 	r := result(t, u.Trigger(Workers))
-	if r.Err != nil || r.Kind != Workers || r.From != 1 || r.To != 2 {
+	if r.err != nil || r.kind != Workers || r.from != 1 || r.to != 2 {
 		t.Fatalf("result %+v", r)
 	}
 	if !fl.gen(1).isDrained() || fl.gen(2).isDrained() || fl.serving() != fl.gen(2) {
@@ -165,7 +165,7 @@ func TestRollbackOnExit(t *testing.T) {
 	}}
 	u, _, _ := run(t, fl, time.Second)
 	r := result(t, u.Trigger(Workers))
-	if r.Err == nil || !strings.Contains(r.Err.Error(), "exit status 1") || r.To != 2 {
+	if r.err == nil || !strings.Contains(r.err.Error(), "exit status 1") || r.to != 2 {
 		t.Fatalf("result %+v", r)
 	}
 	if !fl.gen(2).isDrained() || fl.gen(1).isDrained() || fl.serving() != fl.gen(1) {
@@ -184,7 +184,7 @@ func TestRollbackOnTimeout(t *testing.T) {
 	}}
 	u, _, _ := run(t, fl, 30*time.Millisecond)
 	r := result(t, u.Trigger(Workers))
-	if r.Err == nil || !strings.Contains(r.Err.Error(), "not ready within 30ms") || !errors.Is(r.Err, context.DeadlineExceeded) {
+	if r.err == nil || !strings.Contains(r.err.Error(), "not ready within 30ms") || !errors.Is(r.err, context.DeadlineExceeded) {
 		t.Fatalf("result %+v", r)
 	}
 	if !fl.gen(2).isDrained() || fl.serving() != fl.gen(1) {
@@ -213,14 +213,14 @@ func TestCoalescing(t *testing.T) {
 		later = append(later, u.Trigger(k))
 	}
 	release <- nil
-	if r := result(t, first); r.Err != nil || r.To != 2 {
+	if r := result(t, first); r.err != nil || r.to != 2 {
 		t.Fatalf("first upgrade %+v", r)
 	}
 	for i, ch := range later {
 		r := result(t, ch)
 		// This process has no Self: the master upgrade fails, as it must,
 		// without starting a generation.
-		if r.Kind != Master || r.Err == nil || !strings.Contains(r.Err.Error(), "not available") {
+		if r.kind != Master || r.err == nil || !strings.Contains(r.err.Error(), "not available") {
 			t.Fatalf("request %d: %+v, want the one master upgrade", i, r)
 		}
 	}
@@ -246,13 +246,13 @@ func TestRequestBeforeStart(t *testing.T) {
 		t.Fatalf("%d generations started before the first served", n)
 	}
 	release <- nil
-	if r := result(t, ch); r.Err != nil || r.From != 1 || r.To != 2 {
+	if r := result(t, ch); r.err != nil || r.from != 1 || r.to != 2 {
 		t.Fatalf("result %+v", r)
 	}
 }
 
 // TestStop: Stop interrupts a running upgrade (its generation is drained),
-// answers queued requests with ErrStopping, and makes Run return nil.
+// answers queued requests with errStopping, and makes Run return nil.
 func TestStop(t *testing.T) {
 	fl := &fakeFleet{ready: func(n int) chan error {
 		if n == 2 {
@@ -267,10 +267,10 @@ func TestStop(t *testing.T) {
 	}
 	queued := u.Trigger(Workers)
 	u.Stop()
-	if r := result(t, running); !errors.Is(r.Err, ErrStopping) {
+	if r := result(t, running); !errors.Is(r.err, errStopping) {
 		t.Fatalf("running upgrade: %+v", r)
 	}
-	if r := result(t, queued); !errors.Is(r.Err, ErrStopping) {
+	if r := result(t, queued); !errors.Is(r.err, errStopping) {
 		t.Fatalf("queued upgrade: %+v", r)
 	}
 	select {
@@ -284,7 +284,7 @@ func TestStop(t *testing.T) {
 	if !fl.gen(2).isDrained() {
 		t.Fatal("the interrupted generation was not drained")
 	}
-	if r := result(t, u.Trigger(Workers)); !errors.Is(r.Err, ErrStopping) {
+	if r := result(t, u.Trigger(Workers)); !errors.Is(r.err, errStopping) {
 		t.Fatalf("a request after the stop: %+v", r)
 	}
 }

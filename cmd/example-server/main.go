@@ -76,6 +76,13 @@ func main() {
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
+	if *readyDelay == 0 && *grace == 0 && !*neverReady && !*printReady {
+		// The usual case: ServeHTTP says ready once it serves.
+		if err := worker.ServeHTTP(srv, l); err != nil {
+			log.Fatalf("example-server: serve: %v", err)
+		}
+		return
+	}
 	if *readyDelay > 0 {
 		time.Sleep(*readyDelay)
 	}

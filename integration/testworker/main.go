@@ -43,7 +43,9 @@
 //	                        blocking mode (as a careless program would)
 //
 // At start it reports the descriptors it inherited (op "fds"), leaving
-// out the cgroup files the Go runtime opens before main.
+// out the cgroup files the Go runtime opens before main. A worker without
+// listeners reports its drain (op "drained", the time left until the drain
+// deadline).
 package main
 
 import (
@@ -328,7 +330,8 @@ func main() {
 		if ready {
 			worker.Ready()
 		}
-		<-worker.Draining()
+		<-worker.Context().Done()
+		emit(report{Op: "drained", Arg: time.Until(worker.DrainDeadline()).Round(time.Second).String()})
 		return
 	}
 	pid := strconv.Itoa(os.Getpid())

@@ -18,7 +18,7 @@
 // Invariants:
 //   - The server answers only root and the master's own uid (SO_PEERCRED);
 //     the client believes only a server run by root or by its own uid.
-//   - At most MaxConns connections are open at once; the one that has
+//   - At most maxConns connections are open at once; the one that has
 //     waited longest without sending its request makes room for a new one.
 //   - The package knows nothing about workers or upgrades: a Handler does
 //     the work.

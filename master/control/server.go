@@ -22,15 +22,15 @@ import (
 
 // Limits of the server.
 const (
-	// MaxRequest bounds one request line.
-	MaxRequest = 64 << 10
-	// MaxConns bounds the connections the server holds at once. Past it, a
+	// maxRequest bounds one request line.
+	maxRequest = 64 << 10
+	// maxConns bounds the connections the server holds at once. Past it, a
 	// new connection takes the place of the one that has waited longest
 	// without sending its request; if every one is busy (an "upgrade
 	// --wait", say), the newcomer is told so and closed.
-	MaxConns = 64
-	// RequestTimeout bounds the wait for a connection's request.
-	RequestTimeout = 5 * time.Second
+	maxConns = 64
+	// requestTimeout bounds the wait for a connection's request.
+	requestTimeout = 5 * time.Second
 )
 
 // Handler does what the requests ask. Its methods may be called
@@ -66,14 +66,14 @@ type conn struct {
 
 // Listen binds the control socket at path. Its directory is created with
 // mode 0700 if it is missing, and refused if anyone but this user could
-// change it (see CheckPrivateDir). A socket file left by a master that is
+// change it (see checkPrivateDir). A socket file left by a master that is
 // gone is replaced; a live one means another master runs there.
 func Listen(path string, log hclog.Logger) (*Server, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("control socket directory: %w", err)
 	}
-	if err := CheckPrivateDir(dir); err != nil {
+	if err := checkPrivateDir(dir); err != nil {
 		return nil, err
 	}
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
@@ -119,10 +119,10 @@ func newServer(l *net.UnixListener, path string, log hclog.Logger) *Server {
 	return &Server{l: l, path: path, log: log, conns: make(map[*net.UnixConn]*conn)}
 }
 
-// CheckPrivateDir refuses a control directory that anyone but this
+// checkPrivateDir refuses a control directory that anyone but this
 // process's user could change: another user who owns it (a /tmp fallback
 // created in advance, say) could replace the socket in it.
-func CheckPrivateDir(dir string) error {
+func checkPrivateDir(dir string) error {
 	var st unix.Stat_t
 	if err := unix.Lstat(dir, &st); err != nil {
 		return fmt.Errorf("control socket directory: %w", err)
@@ -175,7 +175,7 @@ func (s *Server) Serve(h Handler) error {
 			continue
 		}
 		if !s.admit(c) {
-			writeResponse(c, Response{Error: fmt.Sprintf("busy: %d control requests are in progress; try again", MaxConns)})
+			writeResponse(c, Response{Error: fmt.Sprintf("busy: %d control requests are in progress; try again", maxConns)})
 			c.Close()
 			continue
 		}
@@ -204,7 +204,7 @@ func (s *Server) Close(remove bool) {
 func (s *Server) admit(c *net.UnixConn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if len(s.conns) >= MaxConns {
+	if len(s.conns) >= maxConns {
 		var oldest *net.UnixConn
 		for x, cc := range s.conns {
 			if cc.idle && (oldest == nil || cc.since.Before(s.conns[oldest].since)) {
@@ -247,8 +247,8 @@ func (s *Server) handle(c *net.UnixConn, h Handler) {
 		writeResponse(c, Response{Error: "permission denied: only root or the master's user may control it"})
 		return
 	}
-	c.SetReadDeadline(time.Now().Add(RequestTimeout))
-	line, err := readLine(bufio.NewReaderSize(c, 4096), MaxRequest)
+	c.SetReadDeadline(time.Now().Add(requestTimeout))
+	line, err := readLine(bufio.NewReaderSize(c, 4096), maxRequest)
 	s.busy(c)
 	if errors.Is(err, net.ErrClosed) {
 		s.log.Debug("idle control connection closed to admit a newer one", "peer_pid", cred.Pid)

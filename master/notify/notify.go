@@ -33,16 +33,16 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// A socket is read at up to Rate datagrams a second after a burst of Burst;
+// A socket is read at up to Rate datagrams a second after a burst of 100;
 // a faster sender is read more slowly, so its datagrams queue in the kernel
 // (and its sends block or fail) instead of costing the master.
 const (
 	Rate  = 50
-	Burst = 100
+	burst = 100
 )
 
-// MaxStatusLen bounds the STATUS= text passed on.
-const MaxStatusLen = 256
+// maxStatusLen bounds the STATUS= text passed on.
+const maxStatusLen = 256
 
 // Handler receives what a worker says. Its methods are called from the
 // goroutine that runs Serve, one at a time.
@@ -122,7 +122,7 @@ func (s *Socket) Close() {
 func (s *Socket) Serve(pid int, h Handler) {
 	buf := make([]byte, 4096)
 	oob := make([]byte, unix.CmsgSpace(unix.SizeofUcred)+unix.CmsgSpace(4*16))
-	lim := rate.NewLimiter(Rate, Burst)
+	lim := rate.NewLimiter(Rate, burst)
 	throttled := false
 	for {
 		if d := lim.Reserve().Delay(); d > 0 {
@@ -198,7 +198,7 @@ func dispatch(msg string, sender int, h Handler) {
 				h.Stopping(sender)
 			}
 		case "STATUS":
-			h.Status(Printable(v, MaxStatusLen))
+			h.Status(Printable(v, maxStatusLen))
 		}
 	}
 }

@@ -19,8 +19,8 @@ type Stat struct {
 	PPid, PGrp int
 }
 
-// ErrFormat reports a /proc/PID/stat line that does not parse.
-var ErrFormat = errors.New("procfs: unexpected /proc/PID/stat format")
+// errFormat reports a /proc/PID/stat line that does not parse.
+var errFormat = errors.New("procfs: unexpected /proc/PID/stat format")
 
 // ReadStat reads /proc/PID/stat. The command name (field 2) may hold any
 // byte, spaces and parentheses included, so the fields after it are found
@@ -33,16 +33,16 @@ func ReadStat(pid int) (Stat, error) {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
-		return Stat{}, ErrFormat
+		return Stat{}, errFormat
 	}
 	f := strings.Fields(s[i+1:])
 	if len(f) < 3 || len(f[0]) != 1 {
-		return Stat{}, ErrFormat
+		return Stat{}, errFormat
 	}
 	ppid, err1 := strconv.Atoi(f[1])
 	pgrp, err2 := strconv.Atoi(f[2])
 	if err1 != nil || err2 != nil {
-		return Stat{}, ErrFormat
+		return Stat{}, errFormat
 	}
 	return Stat{State: f[0][0], PPid: ppid, PGrp: pgrp}, nil
 }

@@ -67,7 +67,7 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 		}
 		switch k {
 		case "name":
-			if err := CheckFDName(v[0]); err != nil {
+			if err := checkFDName(v[0]); err != nil {
 				return bad("%v", err)
 			}
 			ls.Name = v[0]
@@ -120,7 +120,7 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 			}
 			ls.FD = n
 		} else {
-			if err := CheckFDName(rest); err != nil {
+			if err := checkFDName(rest); err != nil {
 				return bad("%v", err)
 			}
 			ls.FDName = rest
@@ -131,9 +131,9 @@ func ParseListenSpec(s string) (ListenSpec, error) {
 	return ls, nil
 }
 
-// CheckFDName checks a LISTEN_FDNAMES entry as systemd does: 1 to 255
+// checkFDName checks a LISTEN_FDNAMES entry as systemd does: 1 to 255
 // printable ASCII characters, no ':'.
-func CheckFDName(n string) error {
+func checkFDName(n string) error {
 	if n == "" || len(n) > 255 {
 		return fmt.Errorf("fd name %q must be 1 to 255 characters", n)
 	}
