@@ -654,7 +654,6 @@ func readPID(t *testing.T, path string) int {
 	return n
 }
 
-
 // pyReport is the start report of examples/python/server.py.
 type pyReport struct {
 	PID       int               `json:"pid"`

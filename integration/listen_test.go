@@ -335,8 +335,11 @@ func TestListenStandalone(t *testing.T) {
 	}
 }
 
-// PITFALLS #2: a worker starts with exactly its stdio and the handoff
-// channel; no descriptor of the master leaks into it.
+// TestWorkerInheritsOnlyItsDescriptors: a worker starts with exactly its
+// stdio and the handoff channel, whether a master or its successor started
+// it. A leaked descriptor of the master (another worker's channel end, a
+// socket) would hide the master's death from that worker or keep a port
+// bound after the master is gone.
 func TestWorkerInheritsOnlyItsDescriptors(t *testing.T) {
 	pidFile := filepath.Join(t.TempDir(), "pid")
 	p, report := twMaster(t, 2, "listen tcp 127.0.0.1:0", masterOpts{args: []string{"--pid-file", pidFile}})
