@@ -1193,3 +1193,44 @@ func readFile(t *testing.T, path string) []byte {
 	}
 	return b
 }
+
+// note is one sd_notify datagram and its sender's pid.
+type note struct {
+	pid  int
+	text string
+}
+
+// listenNotify plays systemd's notify socket: it returns a NOTIFY_SOCKET
+// path and the datagrams that arrive, with their senders' pids
+// (SCM_CREDENTIALS).
+func listenNotify(t *testing.T) (string, <-chan note) {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "notify.sock")
+	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	rc, _ := c.SyscallConn()
+	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
+	notes := make(chan note, 256)
+	go func() {
+		buf, oob := make([]byte, 4096), make([]byte, 1024)
+		for {
+			n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
+			if err != nil {
+				return
+			}
+			pid := 0
+			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
+				for _, m := range msgs {
+					if cr, err := unix.ParseUnixCredentials(&m); err == nil {
+						pid = int(cr.Pid)
+					}
+				}
+			}
+			notes <- note{pid, string(buf[:n])}
+		}
+	}()
+	return sock, notes
+}

@@ -581,37 +581,7 @@ func TestRegistryCaps(t *testing.T) {
 // from the new master before that.
 func TestMainPIDFromOldMaster(t *testing.T) {
 	dir := t.TempDir()
-	sock := filepath.Join(dir, "notify.sock")
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	rc, _ := c.SyscallConn()
-	rc.Control(func(fd uintptr) { unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1) })
-	type note struct {
-		pid  int
-		text string
-	}
-	notes := make(chan note, 256)
-	go func() {
-		buf, oob := make([]byte, 4096), make([]byte, 1024)
-		for {
-			n, oobn, _, _, err := c.ReadMsgUnix(buf, oob)
-			if err != nil {
-				return
-			}
-			pid := 0
-			if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
-				for _, m := range msgs {
-					if cr, err := unix.ParseUnixCredentials(&m); err == nil {
-						pid = int(cr.Pid)
-					}
-				}
-			}
-			notes <- note{pid, string(buf[:n])}
-		}
-	}()
+	sock, notes := listenNotify(t)
 	pidFile := filepath.Join(dir, "pid")
 	p := startMaster(t, masterOpts{args: []string{"-w", "1", "--pid-file", pidFile, "--", binPath("example-server"), "-listen", "127.0.0.1:0"}, env: []string{"NOTIFY_SOCKET=" + sock}})
 	p.waitServing()

@@ -208,18 +208,7 @@ func TestStatusAndScale(t *testing.T) {
 		env: []string{"TW_SCRIPT=listen tcp 127.0.0.1:0"}})
 	p.waitServing()
 	ctl := p.controlPath()
-	status := func() map[string]any {
-		t.Helper()
-		code, out, errOut := gorolling(t, nil, "status", "--json", "--control", ctl)
-		if code != 0 {
-			t.Fatalf("status: %d %s", code, errOut)
-		}
-		var st map[string]any
-		if err := json.Unmarshal([]byte(out), &st); err != nil {
-			t.Fatalf("status --json: %v\n%s", err, out)
-		}
-		return st
-	}
+	status := func() map[string]any { return statusOf(t, ctl) }
 	st := status()
 	if int(st["pid"].(float64)) != p.pid || int(st["generation"].(float64)) != 1 {
 		t.Fatalf("status: %v", st)
@@ -307,30 +296,14 @@ func TestStatusAndScale(t *testing.T) {
 // it. Workers never see the master's NOTIFY_SOCKET: each has its own.
 func TestSystemdNotify(t *testing.T) {
 	dir := t.TempDir()
-	sock := filepath.Join(dir, "notify.sock")
-	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	msgs := make(chan string, 64)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := c.Read(buf)
-			if err != nil {
-				return
-			}
-			msgs <- string(buf[:n])
-		}
-	}()
+	sock, notes := listenNotify(t)
 	next := func(want string) string {
 		t.Helper()
 		for {
 			select {
-			case m := <-msgs:
-				if strings.Contains(m, want) {
-					return m
+			case n := <-notes:
+				if strings.Contains(n.text, want) {
+					return n.text
 				}
 			case <-time.After(30 * time.Second):
 				t.Fatalf("no %q from the master", want)
