@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/procfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -438,19 +439,7 @@ func blockingSockets(t *testing.T, pid int) []int {
 }
 
 func alive(pid int) bool {
-	if err := syscall.Kill(pid, 0); err != nil {
-		return false
-	}
-	// A zombie is not alive for our purposes.
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 && i+2 < len(s) {
-		return s[i+2] != 'Z'
-	}
-	return true
+	return procfs.Running(pid) // a zombie is not alive for our purposes
 }
 
 // children returns the pids whose parent is pid.
@@ -462,20 +451,8 @@ func children(pid int) []int {
 		if err != nil {
 			continue
 		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) > 2 {
-			if pp, _ := strconv.Atoi(f[1]); pp == pid {
-				out = append(out, n)
-			}
+		if st, err := procfs.ReadStat(n); err == nil && st.PPid == pid {
+			out = append(out, n)
 		}
 	}
 	return out
