@@ -261,7 +261,15 @@ func (c *client) ask(ctx context.Context, req *handoff.ListenRequest) (any, erro
 	}
 	if r.msg.Error != "" || r.msg.Errno != "" {
 		closeFDs(r.fds)
-		e := &ListenError{Msg: r.msg.Error}
+		// The *net.OpError this goes into names the operation and the
+		// address already: keep the master's message from saying it twice.
+		msg := r.msg.Error
+		if strings.HasPrefix(msg, "listen ") {
+			if i := strings.Index(msg, ": "); i > 0 {
+				msg = msg[i+2:]
+			}
+		}
+		e := &ListenError{Msg: msg}
 		if v, ok := handoff.ErrnoValue(r.msg.Errno); ok {
 			e.Errno = v
 		}
