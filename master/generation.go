@@ -49,16 +49,17 @@ var errStopped = errors.New("master: generation stopped")
 type Generation struct {
 	// Num is the generation number: 1, 2, ...
 	Num int
-	// Path is the absolute program path this generation runs.
-	Path string
+	// path is the absolute program path this generation runs.
+	path string
 	// Started is when the generation was created.
 	Started time.Time
 
 	m       *Master
 	state   genState
 	slots   []*slot
-	live    int   // spawned and not yet reaped
-	failure error // first worker exit while starting
+	live    int                 // forking or spawned, and not yet reaped
+	running map[*child]struct{} // spawned and not yet reaped, in a slot or not
+	failure error               // first worker exit while starting
 	drained chan struct{}
 }
 
@@ -67,7 +68,7 @@ type Generation struct {
 // GOROLLING_SLOT, reused by the next generation.
 type slot struct {
 	index     int
-	w         *Worker                  // the current worker, or the last one while a respawn waits
+	w         *child                   // the current worker, or the last one while a respawn waits
 	pinned    map[handoff.Key]struct{} // the last worker's keys, held until w is ready
 	backoff   backoff
 	timer     timer
@@ -92,10 +93,11 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 	m.lastGen++
 	g := &Generation{
 		Num:     m.lastGen,
-		Path:    path,
+		path:    path,
 		Started: m.cfg.clock.now(),
 		m:       m,
 		state:   genStarting,
+		running: make(map[*child]struct{}),
 		drained: make(chan struct{}),
 	}
 	for i := 0; i < m.workers; i++ {
@@ -143,7 +145,7 @@ func (m *Master) startSlot(g *Generation, s *slot) error {
 }
 
 // workerReady marks w ready.
-func (m *Master) workerReady(w *Worker, via string) {
+func (m *Master) workerReady(w *child, via string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if w.state != workerStarting {
@@ -164,7 +166,7 @@ func (m *Master) workerReady(w *Worker, via string) {
 // workerExited records a reaped worker and applies its generation's
 // policy: nothing while draining, a failed start while starting, a respawn
 // with backoff while serving.
-func (m *Master) workerExited(w *Worker, desc string) {
+func (m *Master) workerExited(w *child, desc string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	prev := w.state
@@ -172,6 +174,7 @@ func (m *Master) workerExited(w *Worker, desc string) {
 	close(w.done)
 	g := w.gen
 	g.live--
+	delete(g.running, w)
 	var s *slot
 	for _, sl := range g.slots {
 		if sl.w == w {
@@ -332,9 +335,9 @@ func (g *Generation) Drain() {
 				s.timer.Stop()
 				s.timer = nil
 			}
-			if s.w != nil {
-				m.drainLocked(s.w)
-			}
+		}
+		for w := range g.running {
+			m.drainLocked(w)
 		}
 		m.log.Info("generation draining", events.Key, events.GenerationDraining, "generation", g.Num, "workers", g.live, "timeout", m.cfg.DrainTimeout)
 		m.notifyLocked()

@@ -23,11 +23,6 @@ type Config struct {
 	Program string
 	// Args are the program's arguments (without the program itself).
 	Args []string
-	// Dir is the workers' working directory; empty means the master's.
-	Dir string
-	// Env is the base environment for workers; nil means os.Environ().
-	// The variables of the master's own protocols are left out.
-	Env []string
 	// Workers is the number of workers per generation (at least 1).
 	Workers int
 	// DrainTimeout bounds how long a draining worker may take to exit
@@ -38,8 +33,6 @@ type Config struct {
 	StopSignal syscall.Signal
 	// Logger receives the master's logs; nil means none.
 	Logger hclog.Logger
-	// Stdout and Stderr are the workers' output; nil means the master's.
-	Stdout, Stderr *os.File
 	// Registry holds the sockets workers get. The caller owns it and
 	// closes it after Stop.
 	Registry *registry.Registry
@@ -51,10 +44,6 @@ type Config struct {
 	// started, for programs that cannot signal readiness at all. Explicit
 	// readiness (handoff or READY=1) still counts if it comes first.
 	ReadyTimer time.Duration
-	// RuntimeDir is a private directory for the workers' notify sockets;
-	// empty means a new one under $XDG_RUNTIME_DIR or the temp directory,
-	// removed at Stop.
-	RuntimeDir string
 	// Account, if set, is the account workers run as (--user/--group).
 	Account *account.Account
 	// LastGeneration and LastWorkerID continue a predecessor's numbering
@@ -66,6 +55,15 @@ type Config struct {
 	start starter
 	// clock schedules respawns (tests replace it).
 	clock clock
+	// runtimeDir, if set, holds the workers' notify sockets (tests set
+	// it); otherwise a new private directory under $XDG_RUNTIME_DIR or the
+	// temp directory does, removed at Stop.
+	runtimeDir string
+	// The workers' base environment (the master's own protocols' variables
+	// left out), working directory and output: the master's.
+	env            []string
+	dir            string
+	stdout, stderr *os.File
 }
 
 // Master supervises generations of workers. Create one with New; its
@@ -115,22 +113,12 @@ func New(cfg Config) (*Master, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	if cfg.Env == nil {
-		cfg.Env = os.Environ()
+	cfg.env, cfg.stdout, cfg.stderr = os.Environ(), os.Stdout, os.Stderr
+	wd, err := os.Getwd()
+	if err != nil {
+		return nil, fmt.Errorf("master: working directory: %w", err)
 	}
-	if cfg.Stdout == nil {
-		cfg.Stdout = os.Stdout
-	}
-	if cfg.Stderr == nil {
-		cfg.Stderr = os.Stderr
-	}
-	if cfg.Dir == "" {
-		wd, err := os.Getwd()
-		if err != nil {
-			return nil, fmt.Errorf("master: working directory: %w", err)
-		}
-		cfg.Dir = wd
-	}
+	cfg.dir = wd
 	if cfg.start == nil {
 		cfg.start = execStarter()
 	}
@@ -155,11 +143,11 @@ func New(cfg Config) (*Master, error) {
 
 // makeRunDir creates (or checks) the private directory of notify sockets.
 func (m *Master) makeRunDir() error {
-	if m.cfg.RuntimeDir != "" {
-		if err := os.MkdirAll(m.cfg.RuntimeDir, 0o700); err != nil {
+	if m.cfg.runtimeDir != "" {
+		if err := os.MkdirAll(m.cfg.runtimeDir, 0o700); err != nil {
 			return fmt.Errorf("master: runtime directory: %w", err)
 		}
-		m.runDir = m.cfg.RuntimeDir
+		m.runDir = m.cfg.runtimeDir
 		return nil
 	}
 	base := os.Getenv("XDG_RUNTIME_DIR")
@@ -287,10 +275,8 @@ func (m *Master) Kill() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, g := range m.gens {
-		for _, s := range g.slots {
-			if s.w != nil {
-				s.w.proc.Signal(syscall.SIGKILL)
-			}
+		for w := range g.running {
+			w.proc.Signal(syscall.SIGKILL)
 		}
 	}
 }

@@ -169,9 +169,18 @@ type fakeFleet struct {
 	pid   int
 	procs []*fakeProc
 	next  func(n int) behaviour // n: 0 for the first process started
+	// hold, if set for n, keeps the n-th start from returning until it is
+	// closed: a fork that takes its time.
+	hold map[int]chan struct{}
 }
 
 func (f *fakeFleet) start(sp procSpec) (process, error) {
+	f.mu.Lock()
+	wait := f.hold[len(f.procs)]
+	f.mu.Unlock()
+	if wait != nil {
+		<-wait
+	}
 	ch := sp.Files[len(sp.Files)-1] // the handoff channel is the last
 	fd, err := unix.FcntlInt(ch.Fd(), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
@@ -221,7 +230,7 @@ func newTestMaster(t *testing.T, workers int, next func(int) behaviour) (*Master
 	reg := registry.New(registry.Options{})
 	m, err := New(Config{
 		Program: "/fake/server", Workers: workers, DrainTimeout: 10 * time.Second,
-		Registry: reg, RuntimeDir: t.TempDir(), start: fl.start, clock: clk,
+		Registry: reg, runtimeDir: t.TempDir(), start: fl.start, clock: clk,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -462,5 +471,39 @@ func TestWorkerEnv(t *testing.T) {
 	want := "PATH=/bin HOME=/root GOROLLING_SLOT=0"
 	if strings.Join(got, " ") != want {
 		t.Fatalf("got %v, want %s", got, want)
+	}
+}
+
+// TestScaleDownDuringSpawn: a scale-down that removes a slot while its
+// worker is being forked drains that worker as soon as it exists, so the
+// stop that follows finishes instead of waiting for it for ever.
+func TestScaleDownDuringSpawn(t *testing.T) {
+	fork := make(chan struct{})
+	fl := &fakeFleet{next: always(good), hold: map[int]chan struct{}{1: fork}}
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	reg := registry.New(registry.Options{})
+	defer reg.Close(true)
+	m, err := New(Config{Program: "/fake/server", Workers: 2, DrainTimeout: 10 * time.Second, Registry: reg, runtimeDir: t.TempDir(), start: fl.start, clock: clk})
+	if err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan error, 1)
+	go func() { _, err := m.StartGeneration("/fake/v1", true); started <- err }()
+	eventually(t, "the first worker", func() bool { return fl.count() == 1 })
+	// Slot 1's fork is in progress; the first generation already serves.
+	if err := m.Scale(1); err != nil {
+		t.Fatal(err)
+	}
+	close(fork)
+	if err := <-started; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the orphan to be told to drain", func() bool { return fl.count() == 2 && fl.proc(1).received(handoff.TypeDrain) })
+	stopped := make(chan struct{})
+	go func() { m.Stop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(3 * time.Second):
+		t.Fatal("Stop hangs on a worker whose slot was removed while it was forked")
 	}
 }

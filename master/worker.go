@@ -64,9 +64,9 @@ const (
 	sendTimeout = 5 * time.Second
 )
 
-// Worker is the master's handle on one worker process. Its mutable fields
+// child is the master's handle on one worker process. Its mutable fields
 // are guarded by the master's mutex.
-type Worker struct {
+type child struct {
 	// ID is unique for the service's life and never reused.
 	ID int
 	// Slot is the worker's slot in its generation, 0..N-1.
@@ -95,7 +95,7 @@ type Worker struct {
 // spawn starts one worker in slot s of g and makes it the slot's worker
 // before it can ask for anything, so that a collection sees its sockets
 // from its first request. Called without m.mu held.
-func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
+func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 	slot := s.index
 	conn, wf, err := handoff.Pair()
 	if err != nil {
@@ -109,7 +109,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 	m.nextID++
 	id := m.nextID
 	m.mu.Unlock()
-	fail := func(err error, files ...*os.File) (*Worker, error) {
+	fail := func(err error, files ...*os.File) (*child, error) {
 		for _, f := range files {
 			f.Close()
 		}
@@ -129,7 +129,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 		"GOROLLING_GENERATION=" + strconv.Itoa(g.Num),
 		"NOTIFY_SOCKET=" + ns.Path(),
 	}
-	path, args := g.Path, append([]string{m.cfg.Program}, m.cfg.Args...)
+	path, args := g.path, append([]string{m.cfg.Program}, m.cfg.Args...)
 	var files []*os.File
 	if len(preopened) > 0 {
 		names := make([]string, len(preopened))
@@ -151,9 +151,9 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 		// before the fork: the shim sets it and execs the program in
 		// place, so the program keeps that pid.
 		path = m.cfg.Shim[0]
-		args = append(append(append([]string{}, m.cfg.Shim...), g.Path), args...)
+		args = append(append(append([]string{}, m.cfg.Shim...), g.path), args...)
 	}
-	w := &Worker{
+	w := &child{
 		ID: id, Slot: slot, gen: g, m: m, conn: conn, notify: ns,
 		done:   make(chan struct{}),
 		keys:   make(map[handoff.Key]struct{}),
@@ -161,9 +161,9 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 	}
 	w.spawnedAt = m.cfg.clock.now()
 	proc, err := m.cfg.start(procSpec{
-		Path: path, Args: args, Env: workerEnv(m.cfg.Env, extra...), Dir: m.cfg.Dir,
+		Path: path, Args: args, Env: workerEnv(m.cfg.env, extra...), Dir: m.cfg.dir,
 		Files: append(files, wf), Cred: m.cfg.Account.Credential(),
-		Stdout: m.cfg.Stdout, Stderr: m.cfg.Stderr,
+		Stdout: m.cfg.stdout, Stderr: m.cfg.stderr,
 	})
 	for _, f := range files {
 		f.Close()
@@ -183,8 +183,10 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 		s.pinned = prev.keys
 	}
 	s.w = w
-	if g.state >= genDraining {
-		m.drainLocked(w) // a drain began while we forked
+	g.running[w] = struct{}{}
+	if g.state >= genDraining || !g.hasSlotLocked(s) {
+		// A drain began, or a scale-down removed the slot, while we forked.
+		m.drainLocked(w)
 	}
 	m.notifyLocked()
 	m.mu.Unlock()
@@ -199,7 +201,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*Worker, error) {
 }
 
 // wait reaps the worker and tells its generation.
-func (w *Worker) wait() {
+func (w *child) wait() {
 	desc, _ := w.proc.Wait()
 	// Close the master's end now: a listener fd still unread in the
 	// channel's buffer stays referenced until then. The closes run on their
@@ -225,7 +227,7 @@ func (w *Worker) wait() {
 // drainLocked tells w to drain: the drain message, then the stop signal,
 // then SIGKILL if it is still running after the drain timeout. Called with
 // m.mu held; a no-op for a worker already draining or gone.
-func (m *Master) drainLocked(w *Worker) {
+func (m *Master) drainLocked(w *child) {
 	if w.state == workerDraining || w.state == workerExitedState {
 		return
 	}
@@ -244,7 +246,7 @@ func (m *Master) drainLocked(w *Worker) {
 
 // stopWithinLocked sends w sig now and SIGKILL after d, unless it has
 // exited by then. Called with m.mu held.
-func (m *Master) stopWithinLocked(w *Worker, sig syscall.Signal, d time.Duration) {
+func (m *Master) stopWithinLocked(w *child, sig syscall.Signal, d time.Duration) {
 	if w.state == workerExitedState {
 		return
 	}
@@ -263,7 +265,7 @@ func (m *Master) stopWithinLocked(w *Worker, sig syscall.Signal, d time.Duration
 }
 
 // serve reads the worker's requests until the channel closes.
-func (w *Worker) serve() {
+func (w *child) serve() {
 	var lastSeq uint64
 	helloSeen := false
 	lim := rate.NewLimiter(requestRate, requestBurst)
@@ -335,7 +337,7 @@ func (w *Worker) serve() {
 
 // listen answers one listen request, filling reply. It returns the fd to
 // attach (owned by the caller), or -1 for none.
-func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
+func (w *child) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 	k, err := handoff.Normalize(req)
 	if err != nil {
 		reply.Error = err.Error()
@@ -395,7 +397,7 @@ func (w *Worker) listen(req *handoff.ListenRequest, reply *handoff.Message) int 
 // warnOnce logs a warning the first time what happens to this worker, and
 // never again: a worker repeating a refused request must not flood the
 // master's log (the worker itself gets every error).
-func (w *Worker) warnOnce(what, msg string, args ...any) {
+func (w *child) warnOnce(what, msg string, args ...any) {
 	w.m.mu.Lock()
 	first := !w.logged[what]
 	w.logged[what] = true
@@ -407,7 +409,7 @@ func (w *Worker) warnOnce(what, msg string, args ...any) {
 
 // violation logs a protocol violation and stops the worker: the stop
 // signal now, SIGKILL after the drain timeout.
-func (w *Worker) violation(reason string) {
+func (w *child) violation(reason string) {
 	w.m.mu.Lock()
 	if w.violated || w.state == workerExitedState {
 		w.m.mu.Unlock()
@@ -420,14 +422,14 @@ func (w *Worker) violation(reason string) {
 	w.conn.Close()
 }
 
-func (w *Worker) exited() bool {
+func (w *child) exited() bool {
 	w.m.mu.Lock()
 	defer w.m.mu.Unlock()
 	return w.state == workerExitedState
 }
 
 // notifyHandler applies what a worker says on its notify socket.
-type notifyHandler struct{ w *Worker }
+type notifyHandler struct{ w *child }
 
 func (h notifyHandler) Ready() { h.w.m.workerReady(h.w, "notify") }
 
@@ -461,6 +463,8 @@ func (h notifyHandler) Stopping(sender int) {
 func (h notifyHandler) Throttled() {
 	h.w.warnOnce("notify-flood", "worker floods its notify socket; reading it more slowly", events.Key, events.WorkerThrottled, "channel", "notify", "rate_per_second", notify.Rate)
 }
+
+func (h notifyHandler) Violation(reason string) { h.w.violation(reason) }
 
 func (h notifyHandler) Ignored(reason string, sender int) {
 	h.w.warnOnce("notify-ignored:"+reason, "notify message ignored", events.Key, events.WorkerNotifyIgnored, "reason", reason, "sender_pid", sender)

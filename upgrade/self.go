@@ -83,14 +83,22 @@ type Self struct {
 
 // bundleState is the state a master hands to its successor besides the
 // sockets. Its JSON is part of the self-upgrade protocol: a newer master
-// reads what an older one wrote (the registry's fields sit at the top
-// level, and the control socket travels in its socket list).
+// reads what an older one wrote. The control socket travels in the same
+// list as the registry's sockets, marked.
 type bundleState struct {
-	LastGeneration int       `json:"last_generation"`
-	LastWorkerID   int       `json:"last_worker_id"`
-	ServiceStarted time.Time `json:"service_started"`
-	MasterUpgrades int       `json:"master_upgrades"`
-	registry.State
+	LastGeneration int                  `json:"last_generation"`
+	LastWorkerID   int                  `json:"last_worker_id"`
+	ServiceStarted time.Time            `json:"service_started"`
+	MasterUpgrades int                  `json:"master_upgrades"`
+	Sockets        []bundleSocket       `json:"sockets"`
+	Ports          []registry.PortState `json:"ports"`
+}
+
+// bundleSocket is one socket of a bundle: the registry's description, or
+// the control socket (Control).
+type bundleSocket struct {
+	registry.SocketState
+	Control bool `json:"control,omitempty"`
 }
 
 // Inheritance is what a predecessor master handed over.
@@ -195,7 +203,7 @@ func (s *Self) Inherited() (*Inheritance, error) {
 			in.ControlFD = fds[i]
 			continue
 		}
-		in.Registry.Sockets = append(in.Registry.Sockets, ss)
+		in.Registry.Sockets = append(in.Registry.Sockets, ss.SocketState)
 		in.FDs = append(in.FDs, fds[i])
 	}
 	in.Registry.Ports = st.Ports
@@ -389,11 +397,14 @@ func (s *Self) export(lastGen, lastID int) (bundleState, []int, error) {
 	if s.reg == nil {
 		return st, nil, errors.New("upgrade: nothing to hand over (no registry attached)")
 	}
-	var fds []int
-	var err error
-	if st.State, fds, err = s.reg.Export(); err != nil {
+	rs, fds, err := s.reg.Export()
+	if err != nil {
 		return st, nil, err
 	}
+	for _, ss := range rs.Sockets {
+		st.Sockets = append(st.Sockets, bundleSocket{SocketState: ss})
+	}
+	st.Ports = rs.Ports
 	if s.ctl != nil {
 		d, err := s.ctl.Dup()
 		if err != nil {
@@ -403,7 +414,7 @@ func (s *Self) export(lastGen, lastID int) (bundleState, []int, error) {
 			return st, nil, fmt.Errorf("upgrade: pass the control socket: %w", err)
 		}
 		p := s.ctl.Path()
-		st.Sockets = append(st.Sockets, registry.SocketState{Network: "unix", Addr: p, Path: p, Control: true, PreopenIndex: -1})
+		st.Sockets = append(st.Sockets, bundleSocket{SocketState: registry.SocketState{Network: "unix", Addr: p, Path: p, PreopenIndex: -1}, Control: true})
 		fds = append(fds, d)
 	}
 	return st, fds, nil

@@ -14,8 +14,10 @@
 // exits. A new master that fails leaves the old one serving. An automatic
 // upgrade (HUP) whose master re-exec fails rolls the workers instead.
 //
-// The package decides policy only; it never opens, binds or accepts on a
-// socket, and it never spawns a worker: the master package does.
+// The package decides policy only: it never binds or accepts on a
+// listening socket and never spawns a worker (the registry and the master
+// do). Its self-upgrade makes the socketpairs that carry the state, and
+// tableflip forks the new master.
 package upgrade
 
 import (
@@ -23,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorolling/gorolling/master"
@@ -140,9 +143,10 @@ type Manager struct {
 	cfg Config
 	log hclog.Logger
 
-	ctx    context.Context
-	cancel context.CancelFunc
-	wake   chan struct{} // a request was queued
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wake     chan struct{} // a request was queued
+	tookOver atomic.Bool   // the first generation serves
 
 	mu            sync.Mutex
 	pending       *request // the one request queued, coalescing later ones
@@ -205,6 +209,9 @@ func (u *Manager) Trigger(kind Kind) <-chan Result {
 // succeeded, and nil after Stop. Requests still queued then get
 // errStopping (or, after a hand-over, an error that names it).
 func (u *Manager) Run() error {
+	// Once Run returns nothing runs the queue: later requests are answered
+	// at once (errStopping), not left waiting.
+	defer u.cancel()
 	if err := u.start(); err != nil {
 		u.flush(errStopping)
 		if u.ctx.Err() != nil {
@@ -218,6 +225,10 @@ func (u *Manager) Run() error {
 			u.flush(errStopping)
 			return nil
 		case <-u.wake:
+		}
+		if u.ctx.Err() != nil { // a stop and a request arrived together
+			u.flush(errStopping)
+			return nil
 		}
 		u.mu.Lock()
 		req := u.pending
@@ -236,6 +247,11 @@ func (u *Manager) Run() error {
 		}
 	}
 }
+
+// TookOver reports whether the first generation serves: a successor master
+// that has not taken over shares every socket file with the master that
+// still serves, and must leave them alone.
+func (u *Manager) TookOver() bool { return u.tookOver.Load() }
 
 // Stop interrupts a running start or upgrade (its new generation is
 // drained) and makes Run return. It does not block.
@@ -319,6 +335,7 @@ func (u *Manager) start() error {
 		g.drain()
 		return fmt.Errorf("ready: %w", err)
 	}
+	u.tookOver.Store(true)
 	u.log.Info("generation serving", events.Key, events.GenerationServing, "generation", g.number(), "duration", time.Since(g.started()).Round(time.Microsecond), "worker_start", g.readyTiming().Round(time.Microsecond))
 	if successor {
 		u.log.Info("master upgrade: new master serving", events.Key, events.MasterUpgradeServing, "pid", u.cfg.Self.pid(), "generation", g.number())
@@ -385,6 +402,10 @@ func (u *Manager) runMaster(at time.Time) Result {
 	}
 	if u.cfg.Self == nil {
 		res.err = errors.New("master self-upgrade is not available in this process")
+		return res
+	}
+	if u.ctx.Err() != nil {
+		res.err = errStopping
 		return res
 	}
 	u.log.Info("master upgrade started", events.Key, events.MasterUpgradeStarted, "from", res.from)

@@ -296,6 +296,7 @@ func (p *proc) draining() <-chan struct{} {
 func DrainDeadline() time.Time { return std.drainDeadline() }
 
 func (p *proc) drainDeadline() time.Time {
+	p.setup()
 	p.drainMu.Lock()
 	defer p.drainMu.Unlock()
 	return p.deadline
@@ -328,6 +329,7 @@ func (p *proc) context() context.Context {
 func HandleSignals() { std.handleSignals() }
 
 func (p *proc) handleSignals() {
+	p.setup()
 	p.sigOnce.Do(func() {
 		sigs := make(chan os.Signal, 2)
 		signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)

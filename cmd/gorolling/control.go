@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/gorolling/gorolling/master/control"
-	"github.com/gorolling/gorolling/master/notify"
 	"github.com/gorolling/gorolling/master/procfs"
 	"github.com/spf13/pflag"
 )
@@ -114,7 +113,7 @@ func printStatus(w io.Writer, st *control.Status) {
 	}
 	fmt.Fprintf(w, "upgrade    %s\n", up)
 	if f := st.MasterUpgradeFailure; f != nil {
-		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), notify.Printable(f.Error, 1024))
+		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), control.Printable(f.Error, 1024))
 	}
 	if st.MasterUpgrades > 0 {
 		fmt.Fprintf(w, "service    up since %s, %d master upgrades\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades)
@@ -127,7 +126,7 @@ func printStatus(w io.Writer, st *control.Status) {
 		if p.GenState != "serving" {
 			gen += " (" + p.GenState + ")"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, notify.Printable(p.Status, 256))
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", gen, p.Slot, p.ID, p.PID, p.State, dur(p.UptimeSec), p.Restarts, control.Printable(p.Status, 256))
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
@@ -145,7 +144,7 @@ func printStatus(w io.Writer, st *control.Status) {
 			g = "-"
 		}
 		// Unix socket paths are chosen by workers: print them inert.
-		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", notify.Printable(l.Key, 4096), l.Network, notify.Printable(l.Address, 4096), l.Kind, notify.Printable(l.Name, 256), g)
+		fmt.Fprintf(tw, "%s\t%s %s\t%s\t%s\t%s\n", control.Printable(l.Key, 4096), l.Network, control.Printable(l.Address, 4096), l.Kind, control.Printable(l.Name, 256), g)
 	}
 	tw.Flush()
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/gorolling/gorolling/master"
 	"github.com/gorolling/gorolling/master/control"
+	"github.com/gorolling/gorolling/master/events"
 	"github.com/gorolling/gorolling/master/registry"
 	"github.com/gorolling/gorolling/upgrade"
 	"github.com/hashicorp/go-hclog"
@@ -79,40 +80,46 @@ func (d *daemon) run() error {
 	g.Add(func() error {
 		<-d.m.Done()
 		return nil
-	}, func(error) { go d.m.Stop() })
+	}, func(err error) {
+		if errors.Is(err, upgrade.ErrHandedOver) {
+			d.log.Info("handing over to the new master; draining this master's workers", events.Key, events.MasterHandingOver)
+		}
+		go d.m.Stop()
+	})
 	handedOver := false
 	if d.ctl != nil {
 		g.Add(func() error { return d.ctl.Serve(d) }, func(err error) {
-			// A successor serves the same control socket: its file stays.
-			d.ctl.Close(!errors.Is(err, upgrade.ErrHandedOver) && !d.failedSuccessor(err))
+			d.ctl.Close(!d.sharesFiles(err))
 		})
 	}
 	err := g.Run()
 	if errors.Is(err, upgrade.ErrHandedOver) {
 		handedOver = true
 	}
-	// Every socket file stays for a successor (handed over), or for the
-	// master that goes on serving (a successor that failed to start).
-	d.close(!handedOver && !d.failedSuccessor(err))
+	d.close(!d.sharesFiles(err))
 	if errors.Is(err, errStopRequested) || handedOver {
 		return nil
 	}
 	return err
 }
 
-// failedSuccessor reports whether err ended a successor master that never
-// took over: it shares every socket file with the master that still serves.
-func (d *daemon) failedSuccessor(err error) bool {
-	return d.self.HasParent() && err != nil && !errors.Is(err, errStopRequested) && !errors.Is(err, upgrade.ErrHandedOver)
+// sharesFiles reports whether the socket files must stay when this master
+// ends: a successor serves them (err is ErrHandedOver), or this master is
+// a successor that never took over (its start failed, or it was stopped
+// before it served), and the master it was to replace still serves them.
+func (d *daemon) sharesFiles(err error) bool {
+	return errors.Is(err, upgrade.ErrHandedOver) || (d.self.HasParent() && !d.mgr.TookOver())
 }
 
-// close releases the sockets once the workers are gone.
+// close releases the sockets once the workers are gone, after the control
+// answers still in flight (at most 5 s).
 func (d *daemon) close(removeFiles bool) {
 	if d.m != nil {
 		d.m.Stop() // no-op if stopped
 	}
 	if d.ctl != nil {
 		d.ctl.Close(removeFiles)
+		d.ctl.Wait(5 * time.Second)
 	}
 	d.reg.Close(removeFiles)
 }
@@ -160,7 +167,13 @@ func (d *daemon) signals(sigs <-chan os.Signal) {
 }
 
 // Stop asks for a graceful stop (control.Handler).
-func (d *daemon) Stop() { d.requestStop("control") }
+func (d *daemon) Stop() error {
+	if d.self.HasParent() && !d.mgr.TookOver() {
+		return errors.New("this master is still taking over from the previous one; ask again in a moment")
+	}
+	d.requestStop("control")
+	return nil
+}
 
 // requestStop begins a graceful stop once; via says who asked.
 func (d *daemon) requestStop(via string) {
@@ -203,6 +216,11 @@ func (d *daemon) Upgrade(kind string) (<-chan control.UpgradeOutcome, error) {
 	}
 	if d.m.Stopping() {
 		return nil, errors.New("the master is stopping")
+	}
+	if d.self.HasParent() && !d.mgr.TookOver() {
+		// This is a new master still starting beside the one it replaces,
+		// which shares the control socket: the request is that one's.
+		return nil, errors.New("this master is still taking over from the previous one; ask again in a moment")
 	}
 	d.log.Info("upgrade requested", "via", "control", "kind", k.String())
 	res := d.mgr.Trigger(k)

@@ -80,11 +80,3 @@ func (a *Account) Credential() *syscall.Credential {
 	}
 	return &syscall.Credential{Uid: a.UID, Gid: a.GID, Groups: a.Groups}
 }
-
-// Name returns the account's user name, or "the master's user" for nil.
-func (a *Account) Name() string {
-	if a == nil {
-		return "the master's user"
-	}
-	return a.User
-}

@@ -24,7 +24,28 @@
 //     the work.
 package control
 
-import "time"
+import (
+	"strings"
+	"time"
+	"unicode/utf8"
+)
+
+// Printable returns s without control characters (C0, DEL, C1) or invalid
+// UTF-8, cut to at most max bytes: text that workers choose (STATUS=, unix
+// socket paths) reaches operators' terminals through status and the log.
+func Printable(s string, max int) string {
+	var b strings.Builder
+	for _, r := range s {
+		if r == utf8.RuneError || r < 0x20 || (r >= 0x7f && r < 0xa0) {
+			continue
+		}
+		if b.Len()+utf8.RuneLen(r) > max {
+			break
+		}
+		b.WriteRune(r)
+	}
+	return b.String()
+}
 
 // Request is one control command.
 type Request struct {

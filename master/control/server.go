@@ -45,7 +45,7 @@ type Handler interface {
 	// delta is not zero, and returns the new number.
 	Scale(n, delta int) (int, error)
 	// Stop asks for a graceful stop; it does not wait for it.
-	Stop()
+	Stop() error
 }
 
 // Server is a control socket being served.
@@ -155,20 +155,13 @@ func (s *Server) Dup() (int, error) {
 	return d, derr
 }
 
-// Serve answers requests with h until Close. After Close it waits (at most
-// 5 s) for the answers in flight, so that an "upgrade --wait" told that
-// this master was replaced or stops hears it, and returns nil.
+// Serve answers requests with h until Close, and returns nil then; the
+// answers still in flight go on (see Wait).
 func (s *Server) Serve(h Handler) error {
 	for {
 		c, err := s.l.AcceptUnix()
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
-				done := make(chan struct{})
-				go func() { s.wg.Wait(); close(done) }()
-				select {
-				case <-done:
-				case <-time.After(5 * time.Second):
-				}
 				return nil
 			}
 			time.Sleep(50 * time.Millisecond) // EMFILE and the like
@@ -195,6 +188,18 @@ func (s *Server) Close(remove bool) {
 	s.l.Close()
 	if remove {
 		os.Remove(s.path)
+	}
+}
+
+// Wait waits, at most d, for the answers in flight, so that an "upgrade
+// --wait" told that this master was replaced, or stopped, hears it before
+// the process exits.
+func (s *Server) Wait(d time.Duration) {
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
 	}
 }
 
@@ -303,7 +308,9 @@ func execute(req Request, h Handler) Response {
 		}
 		return Response{OK: true, Workers: n}
 	case "stop":
-		h.Stop()
+		if err := h.Stop(); err != nil {
+			return Response{Error: err.Error()}
+		}
 		return Response{OK: true}
 	}
 	return Response{Error: fmt.Sprintf("unknown command %q (want status, upgrade, scale or stop)", req.Cmd)}

@@ -12,6 +12,7 @@ const Key = "event"
 const (
 	MasterStarting      = "master.starting"       // pid, version, successor
 	MasterStopping      = "master.stopping"       // a graceful stop began
+	MasterHandingOver   = "master.handing_over"   // a successor serves: this master drains and exits
 	MasterStopped       = "master.stopped"        // every worker is gone
 	InheritedAdopted    = "socket.inherited"      // fd, addr, name
 	ListenerPreopened   = "socket.preopened"      // spec, addr, name

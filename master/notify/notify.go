@@ -24,10 +24,10 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/account"
+	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/procfs"
 	"golang.org/x/sys/unix"
 	"golang.org/x/time/rate"
@@ -58,6 +58,9 @@ type Handler interface {
 	Throttled()
 	// Ignored: a datagram was dropped, and why (for the log).
 	Ignored(reason string, sender int)
+	// Violation: the worker sent descriptors, which only a kernel
+	// without SO_PASSRIGHTS lets through; Serve has stopped reading.
+	Violation(reason string)
 }
 
 // Socket is one worker's NOTIFY_SOCKET.
@@ -137,14 +140,22 @@ func (s *Socket) Serve(pid int, h Handler) {
 			return
 		}
 		var cred *unix.Ucred
+		sentFDs := false
 		if msgs, err := unix.ParseSocketControlMessage(oob[:oobn]); err == nil {
 			for _, cm := range msgs {
 				if fds, err := unix.ParseUnixRights(&cm); err == nil {
 					handoff.Discard(fds) // FDSTORE= is not supported
+					sentFDs = true
 				} else if c, err := unix.ParseUnixCredentials(&cm); err == nil {
 					cred = c
 				}
 			}
+		}
+		if sentFDs {
+			// Every descriptor costs a close, which can block: a sender of
+			// many would exhaust the master's threads. It is stopped.
+			h.Violation("sent descriptors on its notify socket")
+			return
 		}
 		switch {
 		case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0:
@@ -198,24 +209,7 @@ func dispatch(msg string, sender int, h Handler) {
 				h.Stopping(sender)
 			}
 		case "STATUS":
-			h.Status(Printable(v, maxStatusLen))
+			h.Status(control.Printable(v, maxStatusLen))
 		}
 	}
-}
-
-// Printable returns s without control characters (C0, DEL, C1) or invalid
-// UTF-8, cut to at most max bytes: a worker's text reaches operators'
-// terminals through status and the log.
-func Printable(s string, max int) string {
-	var b strings.Builder
-	for _, r := range s {
-		if r == utf8.RuneError || r < 0x20 || (r >= 0x7f && r < 0xa0) {
-			continue
-		}
-		if b.Len()+utf8.RuneLen(r) > max {
-			break
-		}
-		b.WriteRune(r)
-	}
-	return b.String()
 }

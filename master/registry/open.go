@@ -108,7 +108,7 @@ func (r *Registry) openUnixAsMaster(k handoff.Key, umask int) (*Socket, error) {
 		if err := unix.Bind(fd, &unix.SockaddrUnix{Name: base}); err != nil {
 			unix.Close(fd)
 			fd = -1
-			return &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: bind: %v", k.Network, k.Address, err)}
+			return &reqError{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: bind: %v", k.Network, k.Address, err)}
 		}
 		return nil
 	})
@@ -231,12 +231,12 @@ func takeFD(c syscall.Conn, a net.Addr, closeFn func() error) (*Socket, error) {
 // refusal the kernel made because the workers' account may not do it says
 // how the operator can hand the socket over instead.
 func explainDenied(as *account.Account, err error) error {
-	var e *Error
+	var e *reqError
 	if !errors.As(err, &e) {
-		e = &Error{Errno: errnoOf(err), Msg: err.Error()}
+		e = &reqError{Errno: errnoOf(err), Msg: err.Error()}
 	}
 	if as != nil && (e.Errno == unix.EACCES || e.Errno == unix.EPERM) {
-		e = &Error{Errno: e.Errno, Msg: fmt.Sprintf("%s (workers run as %s, and the kernel refuses %s this; pre-declare the socket with --listen)", e.Msg, as.User, as.User)}
+		e = &reqError{Errno: e.Errno, Msg: fmt.Sprintf("%s (workers run as %s, and the kernel refuses %s this; pre-declare the socket with --listen)", e.Msg, as.User, as.User)}
 	}
 	return e
 }
@@ -252,16 +252,16 @@ func clearStaleUnix(network, path string) error {
 	}
 	fd, err := unix.Socket(unix.AF_UNIX, unixType(network)|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
 	if err != nil {
-		return &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: probe for a stale socket: %v", network, path, err)}
+		return &reqError{Errno: errnoOf(err), Msg: fmt.Sprintf("listen %s %s: probe for a stale socket: %v", network, path, err)}
 	}
 	err = unix.Connect(fd, &unix.SockaddrUnix{Name: path})
 	unix.Close(fd)
 	switch {
 	case err == nil || errors.Is(err, unix.EAGAIN):
-		return &Error{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: another process is listening on this socket: address already in use", network, path)}
+		return &reqError{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: another process is listening on this socket: address already in use", network, path)}
 	case errors.Is(err, unix.ECONNREFUSED):
 		if err := unix.Unlink(path); err != nil && !errors.Is(err, unix.ENOENT) {
-			return &Error{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: a stale socket file is in the way and may not be removed: %v", network, path, err)}
+			return &reqError{Errno: unix.EADDRINUSE, Msg: fmt.Sprintf("listen %s %s: a stale socket file is in the way and may not be removed: %v", network, path, err)}
 		}
 	}
 	return nil

@@ -80,11 +80,11 @@ func (s *Socket) Kind() string {
 // would leave a Go worker blocked in accept(2), unable to stop.
 func (s *Socket) Dup() (int, error) {
 	if err := unix.SetNonblock(s.fd, true); err != nil {
-		return -1, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("set socket %s non-blocking: %v", s.Key, err)}
+		return -1, &reqError{Errno: errnoOf(err), Msg: fmt.Sprintf("set socket %s non-blocking: %v", s.Key, err)}
 	}
 	d, err := unix.FcntlInt(uintptr(s.fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
-		return -1, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("dup socket %s: %v", s.Key, err)}
+		return -1, &reqError{Errno: errnoOf(err), Msg: fmt.Sprintf("dup socket %s: %v", s.Key, err)}
 	}
 	return d, nil
 }
@@ -126,26 +126,26 @@ func New(opt Options) *Registry {
 	}
 }
 
-// Error is a failed request with the errno a worker should see. Errno is
+// reqError is a failed request with the errno a worker should see. Errno is
 // zero when the failure has none (a bad address, say).
-type Error struct {
+type reqError struct {
 	Errno syscall.Errno
 	Msg   string
 }
 
 // Error returns the failure as the registry describes it.
-func (e *Error) Error() string { return e.Msg }
+func (e *reqError) Error() string { return e.Msg }
 
 // Unwrap lets errors.Is(err, syscall.EADDRINUSE) work.
-func (e *Error) Unwrap() error {
+func (e *reqError) Unwrap() error {
 	if e.Errno == 0 {
 		return nil
 	}
 	return e.Errno
 }
 
-// ErrClosed is returned by Acquire after Close.
-var ErrClosed = errors.New("registry: closed")
+// errClosed is returned by Acquire after Close.
+var errClosed = errors.New("registry: closed")
 
 // lookup is the map key a request for k is held under: one entry per
 // inherited fd, whatever kind the request asks for (checked later).
@@ -160,7 +160,7 @@ func lookup(k handoff.Key) handoff.Key {
 // the socket first, with the workers' credentials, if this is the first
 // request for it. The caller owns the duplicate. In reuseport mode a TCP
 // request that no --listen or inherited socket answers gets the member
-// socket of slot (see MemberKey). A failure is an *Error with the errno the
+// socket of slot (see MemberKey). A failure is an *reqError with the errno the
 // kernel gave, or ENFILE past Options.Max.
 func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	r.mu.Lock()
@@ -168,7 +168,7 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	var s *Socket
 	for {
 		if r.closed {
-			return -1, nil, ErrClosed
+			return -1, nil, errClosed
 		}
 		s = r.sockets[lookup(k)]
 		if s == nil {
@@ -190,10 +190,10 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	}
 	if s == nil {
 		if k.Network == "fd" {
-			return -1, nil, &Error{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
+			return -1, nil, &reqError{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
 		}
 		if n := r.openedLocked(); r.opt.Max > 0 && n >= r.opt.Max {
-			return -1, nil, &Error{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
+			return -1, nil, &reqError{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
 		}
 		done := make(chan struct{})
 		r.opening[k] = done
@@ -209,7 +209,7 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 		}
 		if r.closed {
 			s.close(true)
-			return -1, nil, ErrClosed
+			return -1, nil, errClosed
 		}
 		r.sockets[k] = s
 		if k.Port() == 0 && !strings.HasPrefix(k.Network, "unix") {
@@ -220,7 +220,7 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 	}
 	if k.Network == "fd" {
 		if err := handoff.CheckListener(s.fd, k.Packet); err != nil {
-			return -1, nil, &Error{Errno: errnoOf(err), Msg: fmt.Sprintf("listen fd:%s: %v", k.Address, err)}
+			return -1, nil, &reqError{Errno: errnoOf(err), Msg: fmt.Sprintf("listen fd:%s: %v", k.Address, err)}
 		}
 	}
 	d, err := s.Dup()
@@ -308,7 +308,7 @@ func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
 		}
 		return found, nil
 	}
-	k, err := handoff.Normalize(&handoff.ListenRequest{Network: ls.Network, Address: ls.Address, Packet: ls.Packet()})
+	k, err := handoff.Normalize(&handoff.ListenRequest{Network: ls.Network, Address: ls.Address, Packet: ls.packet()})
 	if err != nil {
 		return nil, fmt.Errorf("--listen %q: %w", ls.Spec, err)
 	}

@@ -145,7 +145,7 @@ func checkFDName(n string) error {
 	return nil
 }
 
-// Packet reports whether the spec is a datagram socket.
-func (ls ListenSpec) Packet() bool {
+// packet reports whether the spec is a datagram socket.
+func (ls ListenSpec) packet() bool {
 	return strings.HasPrefix(ls.Network, "udp") || ls.Network == "unixgram"
 }

@@ -32,9 +32,6 @@ type SocketState struct {
 	Packet       bool        `json:"packet,omitempty"`
 	Path         string      `json:"path,omitempty"`
 	Ino          uint64      `json:"ino,omitempty"`
-	// Control marks the master's control socket, which travels in the same
-	// list but is not the registry's (Restore refuses it).
-	Control bool `json:"control,omitempty"`
 }
 
 // PortState is one port-0 assignment.
@@ -92,10 +89,6 @@ func Restore(opt Options, st State, fds []int) (*Registry, error) {
 	}
 	var pres []pre
 	for i, ss := range st.Sockets {
-		if ss.Control {
-			closeAll(fds)
-			return nil, fmt.Errorf("registry: restore: the control socket is not the registry's")
-		}
 		unix.CloseOnExec(fds[i])
 		s := &Socket{
 			Key: ss.Key, Network: ss.Network, Addr: ss.Addr, Name: ss.Name,
