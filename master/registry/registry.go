@@ -110,6 +110,7 @@ type Registry struct {
 	mu        sync.Mutex
 	sockets   map[handoff.Key]*Socket
 	opening   map[handoff.Key]chan struct{} // opens in progress, closed when done
+	assigning map[handoff.Key]chan struct{} // port-0 member groups whose first member is being opened
 	ports     map[handoff.Key]int           // port-0 keys -> the port assigned
 	preopened []*Socket                     // in LISTEN_FDS order
 	closed    bool
@@ -119,10 +120,11 @@ type Registry struct {
 // New returns an empty registry.
 func New(opt Options) *Registry {
 	return &Registry{
-		opt:     opt,
-		sockets: make(map[handoff.Key]*Socket),
-		opening: make(map[handoff.Key]chan struct{}),
-		ports:   make(map[handoff.Key]int),
+		opt:       opt,
+		sockets:   make(map[handoff.Key]*Socket),
+		opening:   make(map[handoff.Key]chan struct{}),
+		assigning: make(map[handoff.Key]chan struct{}),
+		ports:     make(map[handoff.Key]int),
 	}
 }
 
@@ -178,6 +180,17 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 			}
 		}
 		wait, busy := r.opening[k]
+		if s == nil && !busy && k.Member > 0 && k.Port() == 0 {
+			// The reuseport members of a port-0 address must all bind the
+			// port the first of them got. Members are opened under their
+			// own keys, so without this wait the first workers of a
+			// generation, asking at once, would each bind a port of their
+			// own, and the slots off the advertised port would get no
+			// connection at all.
+			if _, known := r.ports[k.Shared()]; !known {
+				wait, busy = r.assigning[k.Shared()]
+			}
+		}
 		if s != nil || !busy {
 			break
 		}
@@ -198,11 +211,18 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 		done := make(chan struct{})
 		r.opening[k] = done
 		port, havePort := r.ports[k.Shared()]
+		assigns := k.Member > 0 && k.Port() == 0 && !havePort
+		if assigns {
+			r.assigning[k.Shared()] = done
+		}
 		r.mu.Unlock()
 		var err error
 		s, err = openSocket(k, port, havePort, r.opt.Owner)
 		r.mu.Lock()
 		delete(r.opening, k)
+		if assigns {
+			delete(r.assigning, k.Shared())
+		}
 		close(done)
 		if err != nil {
 			return -1, nil, err

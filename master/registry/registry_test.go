@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -266,6 +267,47 @@ func TestRegistryReusePortGroup(t *testing.T) {
 	unix.Close(db)
 	if a != b {
 		t.Fatal("udp split into members")
+	}
+}
+
+// TestRegistryReusePortConcurrentPort0: the first workers of a generation
+// ask at the same moment; every slot's member must still land on one port,
+// or the slots that got their own port are unreachable on the address the
+// others serve.
+func TestRegistryReusePortConcurrentPort0(t *testing.T) {
+	for round := 0; round < 50; round++ {
+		r := New(Options{ReusePort: true})
+		k := key(t, "tcp", "127.0.0.1:0", 0)
+		const slots = 4
+		addrs := make([]string, slots)
+		errs := make([]error, slots)
+		start := make(chan struct{})
+		var wg sync.WaitGroup
+		for slot := 0; slot < slots; slot++ {
+			wg.Add(1)
+			go func(slot int) {
+				defer wg.Done()
+				<-start
+				d, s, err := r.Acquire(k, slot)
+				if err != nil {
+					errs[slot] = err
+					return
+				}
+				unix.Close(d)
+				addrs[slot] = s.Addr
+			}(slot)
+		}
+		close(start)
+		wg.Wait()
+		r.Close(true)
+		for slot := 0; slot < slots; slot++ {
+			if errs[slot] != nil {
+				t.Fatalf("round %d slot %d: %v", round, slot, errs[slot])
+			}
+			if addrs[slot] != addrs[0] {
+				t.Fatalf("round %d: members on different ports: %v", round, addrs)
+			}
+		}
 	}
 }
 
