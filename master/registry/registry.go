@@ -58,6 +58,13 @@ type Socket struct {
 	// credentials too. Without, the master created it itself (--listen)
 	// and removes it relative to its directory.
 	owner *account.Account
+	// spec is a --listen socket's key as its spec gave it (port 0 stays
+	// 0): what names it in the fd store.
+	spec handoff.Key
+	// fromStore: the socket came back from systemd's fd store after the
+	// previous master died; storeIndex is the --listen position it had.
+	fromStore  bool
+	storeIndex int
 }
 
 // Kind names the socket's origin for status: "pre-opened" (--listen),
@@ -101,6 +108,11 @@ type Options struct {
 	// Max bounds the sockets opened on workers' requests (0: no bound);
 	// past it a request fails with ENFILE.
 	Max int
+	// Changed, if set, is called whenever a socket is added or closed
+	// (not by Close), so that a copy of the set elsewhere (systemd's fd
+	// store) can follow. It is called with the registry's lock held: it
+	// must neither block nor call the registry.
+	Changed func()
 }
 
 // Registry maps listen keys to sockets. It is safe for concurrent use.
@@ -113,6 +125,7 @@ type Registry struct {
 	assigning map[handoff.Key]chan struct{} // port-0 member groups whose first member is being opened
 	ports     map[handoff.Key]int           // port-0 keys -> the port assigned
 	preopened []*Socket                     // in LISTEN_FDS order
+	unclaimed []*Socket                     // --listen sockets back from the fd store, until Preopen claims them
 	closed    bool
 	removing  sync.WaitGroup // socket files being removed
 }
@@ -237,6 +250,7 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 				r.ports[k.Shared()], _ = strconv.Atoi(p)
 			}
 		}
+		r.changedLocked()
 	}
 	if k.Network == "fd" {
 		if err := handoff.CheckListener(s.fd, k.Packet); err != nil {
@@ -292,8 +306,16 @@ func (r *Registry) Preopen(ls ListenSpec) (*Socket, error) {
 	}
 	r.mu.Lock()
 	r.preopened = append(r.preopened, s)
+	r.changedLocked()
 	r.mu.Unlock()
 	return s, nil
+}
+
+// changedLocked calls Options.Changed. Called with r.mu held.
+func (r *Registry) changedLocked() {
+	if r.opt.Changed != nil {
+		r.opt.Changed()
+	}
 }
 
 func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
@@ -334,8 +356,32 @@ func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if s := r.sockets[k]; s != nil && s.fromStore && !s.persistent {
+		// Workers asked for this address before the restart; now a
+		// --listen flag declares it: the same socket serves both.
+		s.persistent, s.preopened, s.Name, s.spec = true, true, ls.Name, k
+		return s, nil
+	}
 	if r.sockets[k] != nil {
 		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+	}
+	spec := k
+	if s := r.claimStoredLocked(k, len(r.preopened)); s != nil {
+		// The socket outlived the previous master in systemd's fd store:
+		// binding again would fail (it is still bound) or lose its queue.
+		if k.Port() == 0 && !strings.HasPrefix(k.Network, "unix") {
+			if _, port, err := net.SplitHostPort(s.Addr); err == nil {
+				n, _ := strconv.Atoi(port)
+				k.Address = k.WithPort(n)
+			}
+		}
+		if r.sockets[k] != nil {
+			s.close(false)
+			return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
+		}
+		s.Key, s.persistent, s.preopened, s.Name = k, true, true, ls.Name
+		r.sockets[k] = s
+		return s, nil
 	}
 	var s *Socket
 	if strings.HasPrefix(k.Network, "unix") {
@@ -363,7 +409,7 @@ func (r *Registry) preopen(ls ListenSpec) (*Socket, error) {
 		s.close(true)
 		return nil, fmt.Errorf("--listen %q: that socket is listed twice", ls.Spec)
 	}
-	s.persistent, s.preopened, s.Name = true, true, ls.Name
+	s.persistent, s.preopened, s.Name, s.spec = true, true, ls.Name, spec
 	r.sockets[k] = s
 	return s, nil
 }
@@ -461,6 +507,7 @@ func (r *Registry) Collect(inUse func(handoff.Key) bool) []*Socket {
 		gone = append(gone, s)
 	}
 	if len(gone) > 0 {
+		r.changedLocked()
 		used := map[handoff.Key]bool{}
 		for k := range r.sockets {
 			used[k.Shared()] = true
@@ -514,7 +561,10 @@ func (r *Registry) Close(removeFiles bool) {
 		}
 		delete(r.sockets, k)
 	}
-	r.preopened = nil
+	for _, s := range r.unclaimed {
+		s.close(false)
+	}
+	r.preopened, r.unclaimed = nil, nil
 	r.closed = true
 	r.mu.Unlock()
 	done := make(chan struct{})
@@ -539,4 +589,13 @@ func errnoOf(err error) syscall.Errno {
 		return e
 	}
 	return 0
+}
+
+// Len returns the number of sockets the registry holds. Like every
+// method, it waits for the registry's lock: the watchdog uses it to prove
+// the registry is not stuck.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.sockets)
 }

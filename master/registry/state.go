@@ -32,6 +32,9 @@ type SocketState struct {
 	Packet       bool        `json:"packet,omitempty"`
 	Path         string      `json:"path,omitempty"`
 	Ino          uint64      `json:"ino,omitempty"`
+	// Spec is a --listen socket's key as its spec gave it (port 0 stays
+	// 0), if it differs from Key.
+	Spec *handoff.Key `json:"spec,omitempty"`
 }
 
 // PortState is one port-0 assignment.
@@ -54,6 +57,10 @@ func (r *Registry) Export() (State, []int, error) {
 			Key: s.Key, Network: s.Network, Addr: s.Addr, Name: s.Name,
 			Persistent: s.persistent, PreopenIndex: -1, Packet: s.packet,
 			Path: s.path, Ino: s.ino,
+		}
+		if s.preopened && s.spec != s.Key && s.Key.Network != "fd" {
+			spec := s.spec
+			ss.Spec = &spec
 		}
 		for i, p := range r.preopened {
 			if p == s {
@@ -97,6 +104,10 @@ func Restore(opt Options, st State, fds []int) (*Registry, error) {
 		}
 		if s.path != "" && !s.preopened {
 			s.owner = opt.Owner // opened for the workers: theirs to remove
+		}
+		s.spec = ss.Key
+		if ss.Spec != nil {
+			s.spec = *ss.Spec
 		}
 		r.sockets[lookup(ss.Key)] = s
 		if s.preopened {
