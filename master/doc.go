@@ -11,7 +11,9 @@
 //   - A worker receives exactly its stdio, its pre-opened sockets and its
 //     handoff channel; every descriptor of the master is close-on-exec.
 //   - A worker is reaped by exactly one goroutine, the one that waits for
-//     its process; there is no global SIGCHLD reaper and no subreaper.
+//     its process. There is no global SIGCHLD reaper and no subreaper,
+//     except as pid 1 (Config.ReapOrphans), where the goroutine that forks
+//     also reaps orphans: zombie children it did not start.
 //   - Workers run in their own process group, so a terminal's Ctrl-C
 //     reaches only the master, which stops them in order.
 //   - A slot of the serving generation is always either running a worker

@@ -397,8 +397,9 @@ func (m *Master) collect() {
 	}
 }
 
-// maxWorkers bounds the number of workers per generation.
-const maxWorkers = 1024
+// MaxWorkers bounds the number of workers per generation (Config.Workers,
+// Scale).
+const MaxWorkers = 1024
 
 // Size returns the number of workers per generation.
 func (m *Master) Size() int {
@@ -412,8 +413,8 @@ func (m *Master) Size() int {
 // workers drain, and are killed after the drain timeout). Later
 // generations start with n. It fails while an upgrade starts a generation.
 func (m *Master) Scale(n int) error {
-	if n < 1 || n > maxWorkers {
-		return fmt.Errorf("scale to %d: want 1 to %d workers", n, maxWorkers)
+	if n < 1 || n > MaxWorkers {
+		return fmt.Errorf("scale to %d: want 1 to %d workers", n, MaxWorkers)
 	}
 	m.mu.Lock()
 	if m.stopping {

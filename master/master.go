@@ -50,6 +50,14 @@ type Config struct {
 	// (a master self-upgrade): generation numbers and worker ids never
 	// repeat within a service.
 	LastGeneration, LastWorkerID int
+	// ReapOrphans makes the master reap every orphan re-parented to it, as
+	// an init must: set it when the master is pid 1 (a container's init).
+	ReapOrphans bool
+	// Changed, if set, is called after every change of the master's state
+	// (a worker started, ready or gone, a generation started or drained,
+	// the size changed), with the master's lock held: it must neither
+	// block nor call the master.
+	Changed func()
 
 	// start starts worker processes (tests replace it).
 	start starter
@@ -95,8 +103,8 @@ func New(cfg Config) (*Master, error) {
 	if cfg.Program == "" {
 		return nil, errNoProgram
 	}
-	if cfg.Workers < 1 || cfg.Workers > maxWorkers {
-		return nil, fmt.Errorf("master: workers must be 1 to %d, got %d", maxWorkers, cfg.Workers)
+	if cfg.Workers < 1 || cfg.Workers > MaxWorkers {
+		return nil, fmt.Errorf("master: workers must be 1 to %d, got %d", MaxWorkers, cfg.Workers)
 	}
 	if cfg.DrainTimeout <= 0 {
 		return nil, errors.New("master: the drain timeout must be positive")
@@ -120,7 +128,7 @@ func New(cfg Config) (*Master, error) {
 	}
 	cfg.dir = wd
 	if cfg.start == nil {
-		cfg.start = execStarter()
+		cfg.start = execStarter(cfg.ReapOrphans, cfg.Logger)
 	}
 	if cfg.clock == nil {
 		cfg.clock = realClock{}
@@ -217,17 +225,28 @@ func (m *Master) Serving() *Generation {
 // are respawned.
 func (m *Master) Promote(g *Generation) (*Generation, error) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	if g.state != genStarting && g.state != genServing {
+		m.mu.Unlock()
 		return nil, fmt.Errorf("promote generation %d: it is %s", g.Num, g.state)
 	}
 	old := m.serving
 	if old == g {
+		m.mu.Unlock()
 		return nil, nil
 	}
 	g.state = genServing
 	m.serving = g
 	m.notifyLocked()
+	m.mu.Unlock()
+	if old == nil {
+		// The first generation of this master: sockets it started with
+		// that none of its workers asked for (a successor's inheritance,
+		// or what the fd store kept, from a release that listened on
+		// more) would otherwise stay bound, queueing connections nobody
+		// accepts, until the next drain. With an old generation, its
+		// drain collects them.
+		m.collect()
+	}
 	return old, nil
 }
 
@@ -288,6 +307,9 @@ func (m *Master) Done() <-chan struct{} { return m.stopped }
 func (m *Master) notifyLocked() {
 	close(m.changed)
 	m.changed = make(chan struct{})
+	if m.cfg.Changed != nil {
+		m.cfg.Changed()
+	}
 }
 
 // waitFor re-evaluates cond (under m.mu) after every state change until it

@@ -4,11 +4,16 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
+	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/procfs"
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
 
@@ -48,12 +53,34 @@ type starter func(procSpec) (process, error)
 // not to the process, and the Go runtime destroys any thread whose
 // goroutine exits while locked to it. A worker forked from such a thread
 // would get its "parent died" signal while the master still lives.
-func execStarter() starter {
+//
+// With reap (the master is pid 1, a container's init) the same goroutine
+// also reaps orphans: processes a worker left behind (a daemon that
+// double-forked) are re-parented to pid 1, and a zombie nobody reaps holds
+// its pid for ever. It must never reap a worker, whose exit status belongs
+// to the goroutine that waits for it: a zombie child is reaped only if it
+// is not one this starter started, and since the check runs on the
+// goroutine that forks, no worker can be half-started during it.
+func execStarter(reap bool, log hclog.Logger) starter {
 	reqs := make(chan func())
+	ours := map[int]bool{} // workers started and not yet reaped; the goroutine's own
 	go func() {
 		runtime.LockOSThread()
-		for f := range reqs {
-			f()
+		var chld chan os.Signal
+		var again <-chan time.Time
+		if reap {
+			chld = make(chan os.Signal, 1)
+			signal.Notify(chld, syscall.SIGCHLD)
+		}
+		for {
+			select {
+			case f := <-reqs:
+				f()
+			case <-chld:
+				again = reapOrphans(ours, log)
+			case <-again:
+				again = reapOrphans(ours, log)
+			}
 		}
 	}()
 	return func(sp procSpec) (process, error) {
@@ -72,15 +99,59 @@ func execStarter() starter {
 			},
 		}
 		done := make(chan error, 1)
-		reqs <- func() { done <- cmd.Start() }
+		reqs <- func() {
+			err := cmd.Start()
+			if err == nil {
+				ours[cmd.Process.Pid] = true
+			}
+			done <- err
+		}
 		if err := <-done; err != nil {
 			return nil, err
 		}
-		return &execProcess{cmd: cmd}, nil
+		return &execProcess{cmd: cmd, reaped: func(pid int) {
+			reqs <- func() { delete(ours, pid) }
+		}}, nil
 	}
 }
 
-type execProcess struct{ cmd *exec.Cmd }
+// reapOrphans reaps every zombie child of this process that is not in
+// ours. It returns a timer to look again if it had to leave a zombie
+// alone (one of ours, which its own goroutine reaps; a pid reused by an
+// orphan before that goroutine said so), nil otherwise.
+func reapOrphans(ours map[int]bool, log hclog.Logger) <-chan time.Time {
+	left := false
+	for _, pid := range procfs.Children(os.Getpid()) {
+		st, err := procfs.ReadStat(pid)
+		if err != nil || st.State != 'Z' {
+			continue
+		}
+		if ours[pid] {
+			left = true
+			continue
+		}
+		var ws unix.WaitStatus
+		if got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); err == nil && got == pid {
+			log.Debug("orphan reaped", events.Key, events.OrphanReaped, "pid", pid, "status", describeWait(ws))
+		}
+	}
+	if left {
+		return time.After(100 * time.Millisecond)
+	}
+	return nil
+}
+
+func describeWait(ws unix.WaitStatus) string {
+	if ws.Signaled() {
+		return "killed by signal " + unix.SignalName(ws.Signal())
+	}
+	return "exit status " + strconv.Itoa(ws.ExitStatus())
+}
+
+type execProcess struct {
+	cmd    *exec.Cmd
+	reaped func(pid int) // tells the starter the pid is no longer its child
+}
 
 func (p *execProcess) Pid() int { return p.cmd.Process.Pid }
 
@@ -99,6 +170,7 @@ func (p *execProcess) Signal(sig syscall.Signal) {
 
 func (p *execProcess) Wait() (string, int) {
 	err := p.cmd.Wait()
+	p.reaped(p.cmd.Process.Pid)
 	ps := p.cmd.ProcessState
 	if ps == nil {
 		return fmt.Sprintf("wait: %v", err), -1
@@ -111,7 +183,7 @@ func (p *execProcess) Wait() (string, int) {
 
 // workerEnv builds a worker's environment from base: everything except the
 // variables of the protocols the master speaks itself (LISTEN_*,
-// NOTIFY_SOCKET, WATCHDOG_*, GOROLLING_*), followed by extra. Passing the
+// NOTIFY_SOCKET, FDSTORE, WATCHDOG_*, GOROLLING_*), followed by extra. Passing the
 // master's own would hand workers its systemd state: a worker would send
 // READY=1 to systemd itself, or take the master's sockets for its own.
 func workerEnv(base []string, extra ...string) []string {
@@ -120,7 +192,7 @@ func workerEnv(base []string, extra ...string) []string {
 		name, _, _ := strings.Cut(kv, "=")
 		switch {
 		case strings.HasPrefix(name, "LISTEN_"),
-			name == "NOTIFY_SOCKET",
+			name == "NOTIFY_SOCKET", name == "FDSTORE",
 			strings.HasPrefix(name, "WATCHDOG_"),
 			strings.HasPrefix(name, "GOROLLING_"):
 			continue

@@ -34,6 +34,12 @@ const (
 	ListenRefused       = "worker.listen_refused" // key, error: a cap (logged once per worker and cap)
 	ListenFailed        = "worker.listen_failed"  // key, error (once per worker and errno)
 	ControlRefused      = "control.refused"       // uid, peer_pid
+	MasterRestarted     = "master.restarted"      // sockets, workers: started with what the fd store kept of a master that died
+	StoredAdopted       = "socket.from_store"     // key, addr: a socket the fd store kept
+	StoreSynced         = "fdstore.synced"        // added, removed, held (debug level)
+	StoreFailed         = "fdstore.failed"        // error
+	WatchdogEnabled     = "watchdog.enabled"      // timeout
+	OrphanReaped        = "orphan.reaped"         // pid, status (as pid 1, debug level)
 )
 
 // Upgrades.

@@ -1,6 +1,6 @@
 // Package procfs reads the few facts about processes that gorolling takes
-// from Linux's /proc: whether a pid runs, its parent and process group, and
-// the calling process's umask. It is the one parser of /proc/PID/stat in
+// from Linux's /proc: whether a pid runs, its parent and process group, a
+// process's children, and the calling process's umask. It is the one parser of /proc/PID/stat in
 // the module.
 package procfs
 
@@ -69,4 +69,22 @@ func Umask() int {
 		}
 	}
 	return 0o022
+}
+
+// Children returns the pids whose parent is pid. Linux has no index of a
+// process's children that covers re-parented orphans too, so it reads the
+// stat file of every process in /proc.
+func Children(pid int) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if st, err := ReadStat(n); err == nil && st.PPid == pid {
+			out = append(out, n)
+		}
+	}
+	return out
 }

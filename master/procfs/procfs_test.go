@@ -3,6 +3,7 @@ package procfs
 import (
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 )
 
@@ -45,5 +46,19 @@ func TestZombieIsNotRunning(t *testing.T) {
 func TestUmask(t *testing.T) {
 	if m := Umask(); m < 0 || m > 0o777 {
 		t.Fatalf("umask %o", m)
+	}
+}
+
+func TestChildren(t *testing.T) {
+	cmd := exec.Command("sleep", "5")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	if got := Children(os.Getpid()); !slices.Contains(got, cmd.Process.Pid) {
+		t.Fatalf("Children(%d) = %v, want it to hold %d", os.Getpid(), got, cmd.Process.Pid)
+	}
+	if got := Children(cmd.Process.Pid); len(got) != 0 {
+		t.Fatalf("sleep has children %v", got)
 	}
 }
