@@ -11,14 +11,15 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cloudflare/tableflip"
-	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/procfs"
 	"github.com/gorolling/gorolling/master/registry"
+	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/hashicorp/go-hclog"
 	"golang.org/x/sys/unix"
 )
@@ -62,12 +63,18 @@ type Self struct {
 	exe       unix.Stat_t
 	exeOK     bool
 	parentPID int
+	sd        *sdnotify.Notifier
+	// pid1: this master is a container's init, whose exit ends the
+	// container; it cannot hand over to a process with another pid.
+	pid1     bool
+	pid1Once sync.Once
 
 	reg *registry.Registry // what a successor gets (Attach)
 	ctl *control.Server
 
 	serviceStarted time.Time
 	masterUpgrades int
+	masterRestarts int
 
 	// rendezvous is the end of the state socketpair this master keeps; the
 	// other end sits in tableflip's inventory for every successor. Made on
@@ -79,6 +86,12 @@ type Self struct {
 
 	mu         sync.Mutex
 	parentGone bool
+	goneCh     chan struct{} // closed once parentGone
+	handedOver atomic.Bool   // MAINPID= named a successor
+	workers    func() int    // the worker count a successor continues with
+
+	store     *sdnotify.Store // systemd's fd store, nil if not kept
+	storeWake func()          // asks for a store sync after an unsealing
 }
 
 // bundleState is the state a master hands to its successor besides the
@@ -86,12 +99,19 @@ type Self struct {
 // reads what an older one wrote. The control socket travels in the same
 // list as the registry's sockets, marked.
 type bundleState struct {
-	LastGeneration int                  `json:"last_generation"`
-	LastWorkerID   int                  `json:"last_worker_id"`
-	ServiceStarted time.Time            `json:"service_started"`
-	MasterUpgrades int                  `json:"master_upgrades"`
-	Sockets        []bundleSocket       `json:"sockets"`
-	Ports          []registry.PortState `json:"ports"`
+	LastGeneration int       `json:"last_generation"`
+	LastWorkerID   int       `json:"last_worker_id"`
+	ServiceStarted time.Time `json:"service_started"`
+	MasterUpgrades int       `json:"master_upgrades"`
+	MasterRestarts int       `json:"master_restarts,omitempty"`
+	// Workers is the worker count as the operator last set it (scale,
+	// TTIN, TTOU); 0 from masters that did not send it.
+	Workers int `json:"workers,omitempty"`
+	// Stored is what systemd's fd store holds for the service, by this
+	// master's account; the successor keeps the store from there.
+	Stored  []sdnotify.Held      `json:"stored,omitempty"`
+	Sockets []bundleSocket       `json:"sockets"`
+	Ports   []registry.PortState `json:"ports"`
 }
 
 // bundleSocket is one socket of a bundle: the registry's description, or
@@ -110,6 +130,10 @@ type Inheritance struct {
 	ControlFD int
 	// LastGeneration and LastWorkerID continue the numbering.
 	LastGeneration, LastWorkerID int
+	// Workers is the previous master's worker count, 0 if it did not say.
+	Workers int
+	// Stored is what the fd store holds (for sdnotify.Store.AssumeHeld).
+	Stored []sdnotify.Held
 }
 
 // NewSelf creates the process's tableflip upgrader. Call it before
@@ -127,7 +151,8 @@ func NewSelf(cfg SelfConfig) (*Self, error) {
 	if err != nil {
 		return nil, fmt.Errorf("upgrade: %w", err)
 	}
-	s := &Self{upg: upg, log: cfg.Logger, parentPID: os.Getppid(), serviceStarted: time.Now()}
+	s := &Self{upg: upg, log: cfg.Logger, parentPID: os.Getppid(), serviceStarted: time.Now(),
+		sd: sdnotify.FromEnv(), pid1: os.Getpid() == 1, goneCh: make(chan struct{})}
 	if upg.HasParent() {
 		// tableflip leaves its two pipes on fds 3 and 4 without
 		// close-on-exec: every worker this master starts would inherit
@@ -139,10 +164,42 @@ func NewSelf(cfg SelfConfig) (*Self, error) {
 		s.exeOK = true
 	}
 	if !upg.HasParent() {
-		s.parentGone = true
+		s.setParentGone()
 	}
 	return s, nil
 }
+
+func (s *Self) setParentGone() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.parentGone {
+		s.parentGone = true
+		close(s.goneCh)
+	}
+}
+
+// ParentGone is closed once no previous master runs any more (at once for
+// a master that replaced none). From then on this master alone speaks for
+// the service: systemd's fd store is its to keep.
+func (s *Self) ParentGone() <-chan struct{} {
+	if s == nil {
+		ch := make(chan struct{})
+		close(ch)
+		return ch
+	}
+	return s.goneCh
+}
+
+// HandedOver reports whether this master has named its successor to
+// systemd (MAINPID=): what it sends from then on is not believed.
+func (s *Self) HandedOver() bool { return s != nil && s.handedOver.Load() }
+
+// PID1 reports whether this master is pid 1 (a container's init), which
+// cannot re-exec itself as a new process.
+func (s *Self) PID1() bool { return s != nil && s.pid1 }
+
+// errPID1 refuses a master self-upgrade as pid 1.
+var errPID1 = errors.New("gorolling runs as pid 1 (the container's init): a master self-upgrade starts a new master with another pid, and the old one's exit would end the container. HUP still rolls the workers; to run a new gorolling, restart the container from a new image")
 
 // HasParent reports whether this master replaces a previous one.
 func (s *Self) HasParent() bool { return s != nil && s.upg.HasParent() }
@@ -152,6 +209,16 @@ func (s *Self) HasParent() bool { return s != nil && s.upg.HasParent() }
 func (s *Self) Attach(reg *registry.Registry, ctl *control.Server) {
 	if s != nil {
 		s.reg, s.ctl = reg, ctl
+	}
+}
+
+// AttachStore names the fd store a successor keeps after this master:
+// while a self-upgrade runs, this master changes it no more (Seal), the
+// successor learns what it holds, and if the upgrade fails, wake is
+// called to bring the store up to date again.
+func (s *Self) AttachStore(st *sdnotify.Store, wake func()) {
+	if s != nil {
+		s.store, s.storeWake = st, wake
 	}
 }
 
@@ -169,6 +236,35 @@ func (s *Self) MasterUpgrades() int {
 		return 0
 	}
 	return s.masterUpgrades
+}
+
+// MasterRestarts counts the times a master of this service died and a new
+// one took its sockets back from systemd's fd store.
+func (s *Self) MasterRestarts() int {
+	if s == nil {
+		return 0
+	}
+	return s.masterRestarts
+}
+
+// Resume continues the counters of a master that died: this one was
+// started by the service manager with the sockets it kept.
+func (s *Self) Resume(serviceStarted time.Time, masterUpgrades, masterRestarts int) {
+	if s == nil {
+		return
+	}
+	if !serviceStarted.IsZero() {
+		s.serviceStarted = serviceStarted
+	}
+	s.masterUpgrades, s.masterRestarts = masterUpgrades, masterRestarts+1
+}
+
+// AttachWorkers names where the worker count a successor continues with
+// comes from (the master's current size, after scale, TTIN or TTOU).
+func (s *Self) AttachWorkers(workers func() int) {
+	if s != nil {
+		s.workers = workers
+	}
 }
 
 // Inherited reads the state and sockets the previous master handed over,
@@ -197,7 +293,7 @@ func (s *Self) Inherited() (*Inheritance, error) {
 	if reply != fd {
 		unix.Close(reply)
 	}
-	in := &Inheritance{ControlFD: -1, LastGeneration: st.LastGeneration, LastWorkerID: st.LastWorkerID}
+	in := &Inheritance{ControlFD: -1, LastGeneration: st.LastGeneration, LastWorkerID: st.LastWorkerID, Workers: st.Workers, Stored: st.Stored}
 	for i, ss := range st.Sockets {
 		if ss.Control {
 			in.ControlFD = fds[i]
@@ -207,7 +303,7 @@ func (s *Self) Inherited() (*Inheritance, error) {
 		in.FDs = append(in.FDs, fds[i])
 	}
 	in.Registry.Ports = st.Ports
-	s.serviceStarted, s.masterUpgrades = st.ServiceStarted, st.MasterUpgrades+1
+	s.serviceStarted, s.masterUpgrades, s.masterRestarts = st.ServiceStarted, st.MasterUpgrades+1, st.MasterRestarts
 	return in, nil
 }
 
@@ -229,9 +325,7 @@ func (s *Self) ready() error {
 	}
 	go func() {
 		err := s.upg.WaitForParent(context.Background())
-		s.mu.Lock()
-		s.parentGone = true
-		s.mu.Unlock()
+		s.setParentGone()
 		if err != nil {
 			s.log.Warn("previous master exited uncleanly", "pid", s.parentPID, "error", err)
 		} else {
@@ -283,23 +377,44 @@ func (s *Self) binaryChanged() bool {
 		return false
 	}
 	id, ok := s.onDisk()
-	return ok && (id.dev != s.exe.Dev || id.ino != s.exe.Ino)
+	changed := ok && (id.dev != s.exe.Dev || id.ino != s.exe.Ino)
+	if changed && s.pid1 {
+		s.pid1Once.Do(func() {
+			s.log.Warn("the gorolling binary changed on disk, but as pid 1 this master cannot replace itself; HUP upgrades the workers only (restart the container to run the new gorolling)")
+		})
+		return false
+	}
+	return changed
 }
 
 // upgrade starts a new master, streams it this master's state (with the
 // counters lastGen and lastID) and waits until it is ready (its generation
 // serves) or has failed. It returns the new master's pid. note reports
 // what it waits for.
-func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
+func (s *Self) upgrade(lastGen, lastID int, note func(string)) (pid int, err error) {
+	if s.pid1 {
+		return 0, errPID1
+	}
+	if s.store != nil {
+		// Sockets stored after the export would be unknown to the
+		// successor, which could never remove them: systemd would keep
+		// their ports bound for the unit's life.
+		defer func() {
+			if err != nil {
+				s.store.Unseal()
+				if s.storeWake != nil {
+					s.storeWake()
+				}
+			}
+		}()
+	}
 	if s.waitingForParent() {
 		if !procfs.Running(s.parentPID) {
 			// It has exited; tableflip learns so from a pipe, a moment later.
 			note(fmt.Sprintf("waiting for tableflip to see the previous master (pid %d) exit", s.parentPID))
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			if err := s.upg.WaitForParent(ctx); !errors.Is(err, context.DeadlineExceeded) {
-				s.mu.Lock()
-				s.parentGone = true
-				s.mu.Unlock()
+				s.setParentGone()
 			}
 			cancel()
 		}
@@ -348,6 +463,9 @@ func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	if s.store != nil {
+		st.Stored = s.store.Seal()
+	}
 	defer func() {
 		for _, fd := range fds {
 			unix.Close(fd)
@@ -382,7 +500,6 @@ func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
 		}
 		return 0, explainTableflip(upErr)
 	}
-	pid := 0
 	var r map[string]int
 	if json.Unmarshal(handoff.ReadReply(stream), &r) == nil {
 		pid = r["pid"]
@@ -393,7 +510,11 @@ func (s *Self) upgrade(lastGen, lastID int, note func(string)) (int, error) {
 // export collects what a successor gets, with duplicates of the sockets'
 // descriptors, which the caller closes.
 func (s *Self) export(lastGen, lastID int) (bundleState, []int, error) {
-	st := bundleState{LastGeneration: lastGen, LastWorkerID: lastID, ServiceStarted: s.serviceStarted, MasterUpgrades: s.masterUpgrades}
+	st := bundleState{LastGeneration: lastGen, LastWorkerID: lastID, ServiceStarted: s.serviceStarted,
+		MasterUpgrades: s.masterUpgrades, MasterRestarts: s.masterRestarts}
+	if s.workers != nil {
+		st.Workers = s.workers()
+	}
 	if s.reg == nil {
 		return st, nil, errors.New("upgrade: nothing to hand over (no registry attached)")
 	}
@@ -455,9 +576,17 @@ func (s *Self) notify(state string) {
 	if s == nil {
 		return
 	}
-	// NOTIFY_SOCKET stays in this process's environment: the successor
-	// tableflip starts must inherit it to speak to systemd in turn.
-	if _, err := daemon.SdNotify(false, state); err != nil {
+	if err := s.sd.Notify(state); err != nil {
 		s.log.Warn("sd_notify failed", "error", err)
 	}
+}
+
+// handOver names the successor pid to systemd as the service's main
+// process; this master's later messages would not be believed.
+func (s *Self) handOver(pid int) {
+	if s == nil {
+		return
+	}
+	s.handedOver.Store(true)
+	s.notify(fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving", pid))
 }

@@ -386,7 +386,7 @@ func (u *Manager) run(at time.Time, kind Kind) Result {
 	if res.kind == Master && res.err == nil {
 		// systemd believes only its main process (NotifyAccess=main), and
 		// that is still this master: it names its successor.
-		u.cfg.Self.notify(fmt.Sprintf("MAINPID=%d\nREADY=1\nSTATUS=serving", res.newMaster))
+		u.cfg.Self.handOver(res.newMaster)
 	} else {
 		u.cfg.Self.notify("READY=1\nSTATUS=serving")
 	}
