@@ -115,8 +115,11 @@ func printStatus(w io.Writer, st *control.Status) {
 	if f := st.MasterUpgradeFailure; f != nil {
 		fmt.Fprintf(w, "master     upgrade failed %s ago: %s (automatic upgrades try it again once the gorolling binary changes)\n", dur(time.Since(f.At).Seconds()), control.Printable(f.Error, 1024))
 	}
-	if st.MasterUpgrades > 0 {
-		fmt.Fprintf(w, "service    up since %s, %d master upgrades\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades)
+	if st.MasterUpgrades > 0 || st.MasterRestarts > 0 {
+		fmt.Fprintf(w, "service    up since %s, %d master upgrades, %d master restarts\n", st.ServiceStarted.Format(time.RFC3339), st.MasterUpgrades, st.MasterRestarts)
+	}
+	if st.FDStore >= 0 {
+		fmt.Fprintf(w, "fd store   %d sockets kept by systemd for a restart\n", st.FDStore)
 	}
 	fmt.Fprintln(w)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

@@ -12,6 +12,7 @@ import (
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
 	"github.com/gorolling/gorolling/master/registry"
+	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/gorolling/gorolling/upgrade"
 	"github.com/hashicorp/go-hclog"
 	oklog "github.com/oklog/run"
@@ -35,6 +36,12 @@ type daemon struct {
 
 	stopOnce sync.Once
 	stopReq  chan struct{} // closed by the first stop request
+
+	store      *sdnotify.Store // systemd's fd store, nil if not kept
+	storeWake  chan struct{}   // the registry or the master changed
+	storeErr   string          // the last fd store failure logged, and when
+	storeErrAt time.Time
+	watchdog   time.Duration // WatchdogSec=, 0 for none
 }
 
 // errStopRequested ends the group after TERM, INT or "gorolling stop".
@@ -86,6 +93,15 @@ func (d *daemon) run() error {
 		}
 		go d.m.Stop()
 	})
+	// systemd: the fd store and the watchdog.
+	mgrQuit := make(chan struct{})
+	g.Add(func() error {
+		d.serveManager(mgrQuit)
+		return nil
+	}, func(error) { close(mgrQuit) })
+	if debugStall != nil {
+		go debugStall(d)
+	}
 	handedOver := false
 	if d.ctl != nil {
 		g.Add(func() error { return d.ctl.Serve(d) }, func(err error) {
@@ -95,6 +111,15 @@ func (d *daemon) run() error {
 	err := g.Run()
 	if errors.Is(err, upgrade.ErrHandedOver) {
 		handedOver = true
+	}
+	if errors.Is(err, errStopRequested) && d.store != nil && d.speaksForService() {
+		// A requested stop is final: the next start, "systemctl restart"
+		// included (systemd keeps the store across it), begins afresh.
+		// A master that failed keeps the store, so that its restart finds
+		// the sockets and their queues.
+		if cerr := d.store.Clear(); cerr != nil {
+			d.log.Warn("fd store: could not empty it at the stop", events.Key, events.StoreFailed, "error", cerr)
+		}
 	}
 	d.close(!d.sharesFiles(err))
 	if errors.Is(err, errStopRequested) || handedOver {
@@ -195,6 +220,8 @@ func (d *daemon) Status() control.Status {
 		UptimeSec:            now.Sub(d.started).Seconds(),
 		ServiceStarted:       d.self.ServiceStarted(),
 		MasterUpgrades:       d.self.MasterUpgrades(),
+		MasterRestarts:       d.self.MasterRestarts(),
+		FDStore:              d.storeStatus(),
 		Upgrade:              d.mgr.Note(),
 		MasterUpgradeFailure: d.mgr.MasterFailure(),
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
 	"github.com/gorolling/gorolling/master/registry"
+	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/gorolling/gorolling/upgrade"
 	"github.com/hashicorp/go-hclog"
 	"github.com/spf13/pflag"
@@ -41,6 +42,7 @@ type execOptions struct {
 	group        string
 	reuseport    bool
 	maxSockets   int
+	fdStore      string
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -64,6 +66,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
+	fs.StringVar(&o.fdStore, "fd-store", "auto", "keep every socket in systemd's file descriptor store, so that a master that dies and is restarted refuses no connection: on (needs FileDescriptorStoreMax= in the unit), off, or auto (on when systemd announces a store in $FDSTORE, systemd 254 and later)")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
@@ -153,6 +156,11 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if o.maxSockets < 1 || o.maxSockets > maxSocketsLimit {
 		return fail("--max-sockets must be 1 to %d, got %d", maxSocketsLimit, o.maxSockets)
 	}
+	switch o.fdStore {
+	case "auto", "on", "off":
+	default:
+		return fail("--fd-store %q: want auto, on or off", o.fdStore)
+	}
 	stopSig, err := parseSignal(o.stopSignal)
 	if err != nil {
 		return fail("--stop-signal: %v", err)
@@ -208,11 +216,12 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	d := &daemon{
-		log:     root.Named("master"),
-		program: fs.Arg(0),
-		version: Version(),
-		started: time.Now(),
-		stopReq: make(chan struct{}),
+		log:       root.Named("master"),
+		program:   fs.Arg(0),
+		version:   Version(),
+		started:   time.Now(),
+		stopReq:   make(chan struct{}),
+		storeWake: make(chan struct{}, 1),
 	}
 	startFailed := func(err error) int {
 		d.log.Error("cannot start", "error", err)
@@ -226,7 +235,23 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	}); err != nil {
 		return startFailed(err)
 	}
+	if sd := sdnotify.FromEnv(); sd != nil && (o.fdStore == "on" || (o.fdStore == "auto" && sdnotify.StoreMax() > 0)) {
+		d.store, _ = sdnotify.NewStore(sd, sdnotify.StoreMax())
+	} else if o.fdStore == "on" {
+		d.log.Warn("--fd-store on: there is no service manager ($NOTIFY_SOCKET is not set); the sockets are not kept across a master's death")
+	}
+	var predecessor int
+	if d.self.HasParent() {
+		predecessor = os.Getppid()
+	}
+	if d.watchdog, err = sdnotify.Watchdog(predecessor); err != nil {
+		d.log.Warn("systemd's watchdog settings are unusable; not serving the watchdog", "error", err)
+	}
 	regOpt := registry.Options{Owner: acct, ReusePort: o.reuseport, Max: o.maxSockets}
+	if d.store != nil {
+		regOpt.Changed = d.wakeStore
+	}
+	workers, workersFrom := o.workers, ""
 	var lastGen, lastID int
 	if d.self.HasParent() {
 		in, err := d.self.Inherited()
@@ -236,8 +261,16 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		if d.reg, err = registry.Restore(regOpt, in.Registry, in.FDs); err != nil {
 			return startFailed(err)
 		}
-		d.log.Info("state taken over from the previous master", "sockets", len(in.FDs), "last_generation", in.LastGeneration)
+		d.log.Info("state taken over from the previous master", "sockets", len(in.FDs), "last_generation", in.LastGeneration, "workers", in.Workers)
 		lastGen, lastID = in.LastGeneration, in.LastWorkerID
+		if d.store != nil {
+			// The predecessor's entries are this master's to keep (and
+			// to remove) once the predecessor has gone.
+			d.store.AssumeHeld(in.Stored)
+		}
+		if in.Workers > 0 && in.Workers <= master.MaxWorkers {
+			workers, workersFrom = in.Workers, "the previous master"
+		}
 		if in.ControlFD >= 0 {
 			if ctlPath == "" {
 				unix.Close(in.ControlFD)
@@ -247,13 +280,27 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		}
 	} else {
 		d.reg = registry.New(regOpt)
-		for _, in := range registry.ScanInherited() {
-			s, err := d.reg.Adopt(in)
-			if err != nil {
-				d.reg.Close(true)
-				return startFailed(err)
+		saved, stored, err := d.takeInherited()
+		if err != nil {
+			d.reg.Close(true)
+			return startFailed(err)
+		}
+		if saved != nil || stored > 0 {
+			// systemd restarted this service's master, which died: go on
+			// where it left off.
+			if saved != nil {
+				lastGen, lastID = saved.LastGeneration, saved.LastWorkerID
+				d.self.Resume(saved.ServiceStarted, saved.MasterUpgrades, saved.MasterRestarts)
+				// Out of range, it cannot be ours: a master that cannot
+				// start would never get past it.
+				if saved.Workers > 0 && saved.Workers <= master.MaxWorkers {
+					workers, workersFrom = saved.Workers, "the master that died"
+				}
 			}
-			d.log.Info("inherited socket adopted", events.Key, events.InheritedAdopted, "fd", in.Number, "addr", s.Addr, "network", s.Network, "name", in.Name)
+			d.log.Warn("the previous master died; serving again with the sockets systemd's fd store kept", events.Key, events.MasterRestarted, "sockets", stored, "last_generation", lastGen, "master_restarts", d.self.MasterRestarts())
+		}
+		for _, s := range d.reg.ReleaseUnlisted(specs) {
+			d.log.Info("a --listen socket the fd store kept is no longer listed; closed", events.Key, events.ListenerClosed, "key", s.Key.String(), "addr", s.Addr)
 		}
 		for _, ls := range specs {
 			s, err := d.reg.Preopen(ls)
@@ -263,6 +310,19 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 			}
 			d.log.Info("listener pre-opened", events.Key, events.ListenerPreopened, "spec", ls.Spec, "addr", s.Addr, "network", s.Network, "name", s.Name, "fd", 2+len(d.reg.Preopened()))
 		}
+		for _, s := range d.reg.ReleaseUnclaimed() {
+			d.log.Info("a --listen socket the fd store kept is no longer listed; closed", events.Key, events.ListenerClosed, "key", s.Key.String(), "addr", s.Addr)
+		}
+	}
+	if workers != o.workers {
+		d.log.Info("continuing with the worker count set at run time (scale, TTIN, TTOU); --workers applies to a fresh start", "workers", workers, "from", workersFrom, "flag", o.workers)
+	}
+	if d.watchdog > 0 {
+		d.log.Info("serving systemd's watchdog", events.Key, events.WatchdogEnabled, "timeout", d.watchdog)
+	}
+	pid1 := os.Getpid() == 1
+	if pid1 {
+		d.log.Info("running as pid 1 (a container's init): reaping orphans; TERM and INT stop gracefully; master self-upgrades are refused")
 	}
 	if ctlPath != "" && d.ctl == nil {
 		if d.ctl, err = control.Listen(ctlPath, root.Named("master.control")); err != nil {
@@ -276,7 +336,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	d.m, err = master.New(master.Config{
 		Program:        d.program,
 		Args:           fs.Args()[1:],
-		Workers:        o.workers,
+		Workers:        workers,
 		DrainTimeout:   o.drainTimeout,
 		StopSignal:     stopSig,
 		Logger:         d.log,
@@ -286,6 +346,8 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Account:        acct,
 		LastGeneration: lastGen,
 		LastWorkerID:   lastID,
+		ReapOrphans:    pid1,
+		Changed:        d.wakeStore,
 	})
 	if err != nil {
 		d.close(!d.self.HasParent())
@@ -295,13 +357,17 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		defer removePIDFile(pidFile)
 	}
 	d.self.Attach(d.reg, d.ctl)
+	d.self.AttachWorkers(d.m.Size)
+	if d.store != nil {
+		d.self.AttachStore(d.store, d.wakeStore)
+	}
 	d.mgr = upgrade.New(d.m, upgrade.Config{
 		ReadyTimeout: o.readyTimeout,
 		ReadyHint:    readyHint,
 		Logger:       root.Named("upgrade"),
 		Self:         d.self,
 	})
-	d.log.Info("master starting", events.Key, events.MasterStarting, "pid", os.Getpid(), "version", d.version, "program", d.program, "workers", o.workers, "control", ctlPath, "successor", d.self.HasParent())
+	d.log.Info("master starting", events.Key, events.MasterStarting, "pid", os.Getpid(), "version", d.version, "program", d.program, "workers", workers, "control", ctlPath, "successor", d.self.HasParent())
 	if err := d.run(); err != nil {
 		d.log.Error("first generation failed", "error", err)
 		fmt.Fprintf(stderr, "gorolling: cannot start %s: %v\n", d.program, err)

@@ -94,7 +94,7 @@ Go programs use the package github.com/gorolling/gorolling/worker. Programs in o
 		fmt.Fprintf(w, ".TP\n.B %s\n%s\n", s[0], roff(s[1]))
 	}
 	fmt.Fprintln(w, ".SH ENVIRONMENT")
-	paragraphs(w, `Every worker gets GOROLLING_FD (its handoff channel), GOROLLING_SLOT (0..N-1, reused by the slot's replacement and by the next generation), GOROLLING_WORKER_ID (unique, never reused) and GOROLLING_GENERATION (1, 2, ...). The master's own LISTEN_*, NOTIFY_SOCKET, WATCHDOG_* and GOROLLING_* variables are not passed on.`)
+	paragraphs(w, `Every worker gets GOROLLING_FD (its handoff channel), GOROLLING_SLOT (0..N-1, reused by the slot's replacement and by the next generation), GOROLLING_WORKER_ID (unique, never reused) and GOROLLING_GENERATION (1, 2, ...). The master's own LISTEN_*, NOTIFY_SOCKET, FDSTORE, WATCHDOG_* and GOROLLING_* variables are not passed on.`)
 	fmt.Fprintln(w, ".SH FILES")
 	fmt.Fprintln(w, ".TP\n.B /run/gorolling/NAME.sock\nthe control socket of the master of service NAME (as root; else under $XDG_RUNTIME_DIR/gorolling)")
 	fmt.Fprintln(w, ".TP\n.B /etc/gorolling/NAME.conf\nOPTIONS and COMMAND of the systemd unit gorolling@NAME.service (packaged installs)")

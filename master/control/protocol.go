@@ -89,10 +89,16 @@ type Status struct {
 	UptimeSec      float64   `json:"uptime_seconds"`
 	ServiceStarted time.Time `json:"service_started"`
 	MasterUpgrades int       `json:"master_upgrades"`
-	Workers        int       `json:"workers"`
-	Generation     int       `json:"generation"` // the serving one, 0 if none
-	Upgrade        string    `json:"upgrade"`    // what an upgrade in progress is doing, or ""
-	ControlPath    string    `json:"control"`
+	// MasterRestarts counts the masters of this service that died and
+	// whose sockets a new master took back from systemd's fd store.
+	MasterRestarts int `json:"master_restarts"`
+	// FDStore is how many sockets systemd's fd store holds for the
+	// service, as far as the master knows; -1 when it keeps none.
+	FDStore     int    `json:"fd_store"`
+	Workers     int    `json:"workers"`
+	Generation  int    `json:"generation"` // the serving one, 0 if none
+	Upgrade     string `json:"upgrade"`    // what an upgrade in progress is doing, or ""
+	ControlPath string `json:"control"`
 	// MasterUpgradeFailure is the last master upgrade that failed, if the
 	// master has not been replaced since.
 	MasterUpgradeFailure *MasterUpgradeFailure `json:"master_upgrade_failure,omitempty"`
