@@ -26,7 +26,9 @@ import (
 )
 
 // bin holds the binaries TestMain builds: gorolling, example-server,
-// testworker.
+// testworker, fakesystemd (a service manager with systemd's fd store,
+// restart and watchdog) and gorolling-debug (gorolling with the
+// gorolling_debug test hooks).
 var bin string
 
 // buildFlags are extra flags for building them (-race under -race).
@@ -41,9 +43,16 @@ func TestMain(m *testing.M) {
 	bin = dir
 	os.Chmod(dir, 0o755) // other users (nobody) run the binaries in some tests
 	args := append([]string{"build", "-o", dir + "/"}, buildFlags...)
-	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker")...)
+	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker", "./fakesystemd")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
+	err = build.Run()
+	if err == nil {
+		// The watchdog test's master, which can be stalled on purpose.
+		debug := exec.Command("go", append(append([]string{"build", "-tags", "gorolling_debug", "-o", filepath.Join(dir, "gorolling-debug")}, buildFlags...), "../cmd/gorolling")...)
+		debug.Stdout, debug.Stderr = os.Stderr, os.Stderr
+		err = debug.Run()
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "build:", err)
 		os.RemoveAll(dir)
 		os.Exit(1)
@@ -93,11 +102,15 @@ type proc struct {
 	wake   chan struct{}
 	done   chan struct{}
 	state  *os.ProcessState
+	pidNS  bool
 }
 
 type masterOpts struct {
-	bin   string   // the gorolling binary to run (default: the one built)
-	wrap  []string // a command that execs gorolling in place (systemd-socket-activate ...)
+	bin  string   // the gorolling binary to run (default: the one built)
+	wrap []string // a command that runs gorolling (systemd-socket-activate, fakesystemd, unshare ...)
+	// pidNS: wrap starts gorolling in a new pid namespace, where the pids
+	// it logs mean other processes than outside.
+	pidNS bool
 	args  []string // gorolling arguments after "exec"
 	dir   string
 	env   []string
@@ -124,7 +137,7 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 	cmd.Env = append(os.Environ(), o.env...)
 	cmd.ExtraFiles = o.files
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	p := &proc{t: t, cmd: cmd, wake: make(chan struct{}), done: make(chan struct{})}
+	p := &proc{t: t, cmd: cmd, wake: make(chan struct{}), done: make(chan struct{}), pidNS: o.pidNS}
 	cmd.Stdout = &lockedWriter{mu: &p.mu, w: &p.stdout}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -212,6 +225,13 @@ func (p *proc) cleanup() {
 	// Masters that replaced the first one (self-upgrades) are not our
 	// children: stop them by the pids they logged.
 	masters := []int{p.pid}
+	if p.pidNS {
+		// Its pids are not ours to signal; ending pid 1 (unshare's child,
+		// which unshare's SIGTERM reaches or whose namespace dies with it)
+		// ends every process in the namespace.
+		p.stopWrapper()
+		return
+	}
 	for _, e := range p.entries() {
 		if e.event() == events.MasterStarting {
 			if pid := e.num("pid"); pid != p.pid && alive(pid) && ours(pid) {
@@ -229,7 +249,18 @@ func (p *proc) cleanup() {
 		case <-time.After(15 * time.Second):
 			p.t.Errorf("master %d still running 15s after SIGTERM; killing it", p.pid)
 			p.cmd.Process.Kill()
-			<-p.done
+			// A wrapper's masters hold its output too: they must go for
+			// the output to end.
+			for _, pid := range masters[1:] {
+				if alive(pid) && ours(pid) {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+			select {
+			case <-p.done:
+			case <-time.After(45 * time.Second): // the workers' drain timeout
+				p.t.Errorf("the output of master %d is still open 45s after it was killed", p.pid)
+			}
 		}
 	}
 	for _, pid := range masters[1:] {
@@ -252,6 +283,29 @@ func (p *proc) cleanup() {
 				break
 			}
 		}
+	}
+}
+
+// stopWrapper ends the master's wrapper process and what runs under it:
+// SIGTERM to the wrapper's children, then the wrapper.
+func (p *proc) stopWrapper() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	for _, c := range children(p.pid) {
+		syscall.Kill(c, syscall.SIGTERM)
+	}
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		p.t.Errorf("wrapper %d still running 15s after SIGTERM to its child; killing it", p.pid)
+		for _, c := range children(p.pid) {
+			syscall.Kill(c, syscall.SIGKILL)
+		}
+		p.cmd.Process.Kill()
+		<-p.done
 	}
 }
 
@@ -443,20 +497,7 @@ func alive(pid int) bool {
 }
 
 // children returns the pids whose parent is pid.
-func children(pid int) []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		n, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		if st, err := procfs.ReadStat(n); err == nil && st.PPid == pid {
-			out = append(out, n)
-		}
-	}
-	return out
-}
+func children(pid int) []int { return procfs.Children(pid) }
 
 // twReport is one line of a testworker report.
 type twReport struct {
@@ -822,6 +863,7 @@ type loader struct {
 	failures []failure
 	byGen    map[int]int
 	byPid    map[int]int
+	slowest  time.Duration // the slowest answered request
 }
 
 // startLoad starts n clients against addr. With keepAlive each client
@@ -911,6 +953,7 @@ func (l *loader) client() {
 		}
 		l.mu.Lock()
 		l.ok++
+		l.slowest = max(l.slowest, time.Since(sent))
 		l.byGen[gen]++
 		l.byPid[pid]++
 		l.mu.Unlock()

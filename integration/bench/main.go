@@ -8,7 +8,10 @@
 //     old one gone, the program's own start time, and the master's
 //     overhead (the difference);
 //   - the master's RSS and descriptor count after start and after many
-//     upgrades.
+//     upgrades;
+//   - with -only crash, what a master killed with SIGKILL costs under a
+//     service manager with an fd store (integration/fakesystemd): failed
+//     requests, the time until a new master is ready, request latency.
 //
 // Run it from the repository root:
 //
@@ -46,7 +49,8 @@ var (
 	rounds   = flag.Int("rounds", 3, "throughput runs per mode (alternating; the median is reported)")
 	upgrades = flag.Int("upgrades", 100, "upgrades for the timing and memory measurement")
 	starts   = flag.Int("starts", 20, "standalone start-time samples")
-	only     = flag.String("only", "", "run only this part: throughput, upgrades or master")
+	only     = flag.String("only", "", "run only this part: throughput, upgrades, master or crash")
+	kills    = flag.Int("kills", 10, "master kills for -only crash")
 )
 
 var binDir string
@@ -57,7 +61,7 @@ func main() {
 	check(err)
 	defer os.RemoveAll(dir)
 	binDir = dir
-	build := exec.Command("go", "build", "-o", dir+"/", "./cmd/gorolling", "./cmd/example-server")
+	build := exec.Command("go", "build", "-o", dir+"/", "./cmd/gorolling", "./cmd/example-server", "./integration/fakesystemd")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	check(build.Run())
 
@@ -71,6 +75,8 @@ func main() {
 	case "throughput":
 	case "master":
 		masterUpgradeTiming()
+	case "crash":
+		crashCost()
 	default:
 		upgradeTiming()
 	}
@@ -112,9 +118,13 @@ type master struct {
 	wake  chan struct{}
 }
 
-func startMaster(args ...string) *master {
-	a := append([]string{"exec", "--log-format", "json", "--log-level", "debug", "--control", "none", "-w", strconv.Itoa(*workers)}, args...)
-	cmd := exec.Command(filepath.Join(binDir, "gorolling"), a...)
+func startMaster(args ...string) *master { return startWrapped(nil, args...) }
+
+// startWrapped starts the master through wrap (a command that runs it).
+func startWrapped(wrap []string, args ...string) *master {
+	a := append([]string{filepath.Join(binDir, "gorolling"), "exec", "--log-format", "json", "--log-level", "debug", "--control", "none", "-w", strconv.Itoa(*workers)}, args...)
+	a = append(append([]string(nil), wrap...), a...)
+	cmd := exec.Command(a[0], a[1:]...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	stderr, err := cmd.StderrPipe()
 	check(err)
@@ -188,6 +198,12 @@ func (m *master) stop() {
 // load runs the clients against addr for d and returns requests/s and
 // failures, and the requests each serving pid answered.
 func load(addr string, d time.Duration, keepAlive bool) (float64, int64, map[string]int) {
+	return loadTimed(addr, d, keepAlive, nil)
+}
+
+// loadTimed is load that also passes every answered request's latency to
+// record (if set), from its own goroutine.
+func loadTimed(addr string, d time.Duration, keepAlive bool, record func(time.Duration)) (float64, int64, map[string]int) {
 	var ok, failed atomic.Int64
 	var pmu sync.Mutex
 	byPid := map[string]int{}
@@ -212,6 +228,7 @@ func load(addr string, d time.Duration, keepAlive bool) (float64, int64, map[str
 					return
 				default:
 				}
+				t0 := time.Now()
 				if c == nil {
 					var err error
 					c, err = net.Dial("tcp", addr)
@@ -237,6 +254,9 @@ func load(addr string, d time.Duration, keepAlive bool) (float64, int64, map[str
 					continue
 				}
 				ok.Add(1)
+				if record != nil {
+					record(time.Since(t0))
+				}
 				pmu.Lock()
 				byPid[resp.Header.Get("X-Pid")]++
 				pmu.Unlock()
@@ -514,4 +534,61 @@ func alive(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// crashCost kills the master with SIGKILL -kills times under load (a new
+// connection per request) while fakesystemd keeps its sockets in an fd
+// store and restarts it, and reports failures, the time from each kill to
+// a new master's READY=1, and the latency of requests.
+func crashCost() {
+	m := startWrapped([]string{filepath.Join(binDir, "fakesystemd"), "--store-max", "4096", "--restart-sec", "100ms", "--"},
+		"--", filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0")
+	e, _, _ := m.wait(0, "listener handed over")
+	addr := e["addr"].(string)
+	m.wait(0, "sd.ready")
+	var lmu sync.Mutex
+	var lat []float64
+	record := func(d time.Duration) {
+		lmu.Lock()
+		lat = append(lat, float64(d.Microseconds())/1000)
+		lmu.Unlock()
+	}
+	total := time.Duration(*kills)*time.Second + time.Second
+	type result struct {
+		rps    float64
+		failed int64
+	}
+	res := make(chan result, 1)
+	go func() {
+		rps, failed, _ := loadTimed(addr, total, false, record)
+		res <- result{rps, failed}
+	}()
+	var ready []float64
+	time.Sleep(500 * time.Millisecond)
+	for i := 0; i < *kills; i++ {
+		main := 0
+		m.mu.Lock()
+		for _, e := range m.logs {
+			if e["event"] == "sd.start" {
+				main = int(e["pid"].(float64))
+			}
+		}
+		m.mu.Unlock()
+		from := m.len()
+		t0 := time.Now()
+		check(syscall.Kill(main, syscall.SIGKILL))
+		_, at, _ := m.wait(from, "sd.ready")
+		ready = append(ready, float64(at.Sub(t0).Microseconds())/1000)
+		time.Sleep(time.Second - time.Since(t0)%time.Second)
+	}
+	r := <-res
+	m.stop()
+	lmu.Lock()
+	defer lmu.Unlock()
+	fmt.Printf("== Master killed with SIGKILL under a service manager with an fd store, N=%d, %d clients (new connection per request), %d kills ==\n", *workers, *clients, *kills)
+	fmt.Printf("%-58s %12d\n", "requests answered", len(lat))
+	fmt.Printf("%-58s %12d\n", "requests failed (refused, reset, lost)", r.failed)
+	fmt.Printf("%-58s %12s %12s\n", "kill -> new master ready (median / max)", ms(median(ready)), ms(slices.Max(ready)))
+	fmt.Printf("%-58s %12s %12s\n", "request latency over the run (p50 / p99)", ms(pct(lat, 0.5)), ms(pct(lat, 0.99)))
+	fmt.Printf("%-58s %12s\n", "slowest request", ms(slices.Max(lat)))
 }

@@ -1,7 +1,8 @@
 // Command testworker is a scriptable worker for the integration tests. It
 // runs the operations in $TW_SCRIPT (separated by ';') and appends one JSON
 // line per operation to the file $TW_REPORT, then serves HTTP on every
-// stream listener it got and echoes on every packet socket, until drained.
+// stream listener it got (a request with ?sleep=DURATION is answered that
+// much later) and echoes on every packet socket, until drained.
 //
 // Operations (a "slotN:", "idN:" or "genN:" prefix limits one to that
 // slot, worker id or generation):
@@ -15,6 +16,8 @@
 //	noready                 do not call worker.Ready
 //	crash                   exit 3 at once
 //	sleep DURATION          sleep
+//	orphans N               leave N short-lived orphans (background
+//	                        sleeps of a shell that exits at once)
 //	raw TEXT                send TEXT as one raw record on the handoff fd
 //	rawfd TEXT              the same, with three descriptors attached
 //	rawmanyfd TEXT          the same, with 64 descriptors (overflows the master's buffer)
@@ -57,6 +60,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -266,6 +270,14 @@ func main() {
 		case "sleep":
 			d, _ := time.ParseDuration(arg)
 			time.Sleep(d)
+		case "orphans":
+			// A shell that starts N background sleeps and exits at once:
+			// the sleeps are orphaned, re-parented to the nearest
+			// subreaper or pid 1, and become zombies when they end.
+			n, _ := strconv.Atoi(arg)
+			if err := exec.Command("/bin/sh", "-c", fmt.Sprintf("for i in $(seq %d); do sleep 0.2 & done", n)).Run(); err != nil {
+				r.Err = err.Error()
+			}
 		case "raw":
 			r.Err = sendRaw(arg, 0)
 		case "rawfd":
@@ -339,6 +351,9 @@ func main() {
 		w.Header().Set("X-Pid", pid)
 		w.Header().Set("X-Generation", strconv.Itoa(worker.Generation()))
 		w.Header().Set("X-Slot", strconv.Itoa(worker.Slot()))
+		if d, err := time.ParseDuration(r.URL.Query().Get("sleep")); err == nil && d > 0 && d <= time.Minute {
+			time.Sleep(d) // a request that is still in flight when a drain starts
+		}
 		fmt.Fprintf(w, "pid=%s local=%s\n", pid, r.Context().Value(http.LocalAddrContextKey))
 	})}
 	if err := worker.ServeHTTPWith(srv, worker.HTTPOptions{NoReady: !ready, Grace: 300 * time.Millisecond}, listeners...); err != nil {
