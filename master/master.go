@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -50,6 +51,12 @@ type Config struct {
 	// (a master self-upgrade): generation numbers and worker ids never
 	// repeat within a service.
 	LastGeneration, LastWorkerID int
+	// Dir, if set, is the workers' working directory, an absolute path that
+	// each spawn enters anew, so that a symlink in it switched to a new
+	// release (current -> releases/N) takes effect at the next generation;
+	// a relative Program with a '/' is resolved in it too. Empty means the
+	// master's working directory as it was at New.
+	Dir string
 	// ReapOrphans makes the master reap every orphan re-parented to it, as
 	// an init must: set it when the master is pid 1 (a container's init).
 	ReapOrphans bool
@@ -127,6 +134,12 @@ func New(cfg Config) (*Master, error) {
 		return nil, fmt.Errorf("master: working directory: %w", err)
 	}
 	cfg.dir = wd
+	if cfg.Dir != "" {
+		if !filepath.IsAbs(cfg.Dir) {
+			return nil, fmt.Errorf("master: Dir %q is not absolute", cfg.Dir)
+		}
+		cfg.dir = cfg.Dir
+	}
 	if cfg.start == nil {
 		cfg.start = execStarter(cfg.ReapOrphans, cfg.Logger)
 	}
@@ -184,6 +197,11 @@ func (m *Master) makeRunDir() error {
 // runs, so a binary replaced since the last generation is picked up.
 func (m *Master) Resolve() (string, error) {
 	p := m.cfg.Program
+	if m.cfg.Dir != "" && strings.Contains(p, "/") && !filepath.IsAbs(p) {
+		// Joined, not resolved: the exec follows the symlinks as they are
+		// at that moment.
+		p = filepath.Join(m.cfg.Dir, p)
+	}
 	lp, err := exec.LookPath(p)
 	if err != nil {
 		switch {

@@ -43,6 +43,7 @@ type execOptions struct {
 	reuseport    bool
 	maxSockets   int
 	fdStore      string
+	chdir        string
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -67,6 +68,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
 	fs.StringVar(&o.fdStore, "fd-store", "auto", "keep every socket in systemd's file descriptor store, so that a master that dies and is restarted refuses no connection: on (needs FileDescriptorStoreMax= in the unit), off, or auto (on when systemd announces a store in $FDSTORE, systemd 254 and later)")
+	fs.StringVar(&o.chdir, "chdir", "", "the workers' working directory, entered anew at every spawn, so that a symlink in it switched to a new release (/srv/app/current) takes effect at the next HUP; a relative PROGRAM with a '/' is found in it too (default: the master's working directory at start)")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
@@ -155,6 +157,20 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.maxSockets < 1 || o.maxSockets > maxSocketsLimit {
 		return fail("--max-sockets must be 1 to %d, got %d", maxSocketsLimit, o.maxSockets)
+	}
+	if o.chdir != "" {
+		abs, err := filepath.Abs(o.chdir) // symlinks stay: each spawn follows them anew
+		if err != nil {
+			return fail("--chdir %q: %v", o.chdir, err)
+		}
+		if fi, err := os.Stat(abs); err != nil {
+			fmt.Fprintf(stderr, "gorolling exec: --chdir: %v\n", err)
+			return 1
+		} else if !fi.IsDir() {
+			fmt.Fprintf(stderr, "gorolling exec: --chdir %q: not a directory\n", o.chdir)
+			return 1
+		}
+		o.chdir = abs
 	}
 	switch o.fdStore {
 	case "auto", "on", "off":
@@ -348,6 +364,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		LastWorkerID:   lastID,
 		ReapOrphans:    pid1,
 		Changed:        d.wakeStore,
+		Dir:            o.chdir,
 	})
 	if err != nil {
 		d.close(!d.self.HasParent())

@@ -42,6 +42,7 @@
 //	fakecontrol PATH        serve a forged gorolling control socket at PATH
 //	                        (mode 0777) until drained
 //	env NAME                report $NAME (as it was at start) in "env"
+//	cwd                     report the working directory in "addr"
 //	blockall                switch every listener's shared socket to
 //	                        blocking mode (as a careless program would)
 //
@@ -228,6 +229,8 @@ func main() {
 			}()
 		case "env":
 			r.Env = startEnv[args[0]]
+		case "cwd":
+			r.Addr, _ = os.Getwd()
 		case "blockall":
 			for _, l := range listeners {
 				if sc, ok := l.(syscall.Conn); ok {
