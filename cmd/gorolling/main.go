@@ -59,6 +59,13 @@ func init() {
 			run:     runStatus,
 		},
 		{
+			name: "ls", args: "[--json] [--dir DIR]...",
+			summary: "list the running masters: name, pid, version, uptime, generation, workers, upgrade",
+			long:    lsLong,
+			flags:   func() *pflag.FlagSet { fs, _, _ := lsFlags(); return fs },
+			run:     runLs,
+		},
+		{
 			name: "upgrade", args: "[--wait] [--timeout D] [--master | --workers] [--name NAME | --control PATH]",
 			summary: "start the same upgrade as SIGHUP (or SIGUSR2 with --master)",
 			long:    upgradeLong,

@@ -32,17 +32,40 @@ func DefaultDir() string {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("gorolling-%d", os.Geteuid()))
 }
 
+// SearchDirs are the directories where this user's masters keep their
+// control sockets by default: DefaultDir, and for a user other than root
+// the temp-directory fallback too, which a master started without
+// $XDG_RUNTIME_DIR (from cron, say) uses while the operator's shell has it.
+func SearchDirs() []string {
+	dirs := []string{DefaultDir()}
+	if os.Geteuid() != 0 {
+		if fb := filepath.Join(os.TempDir(), fmt.Sprintf("gorolling-%d", os.Geteuid())); fb != dirs[0] {
+			dirs = append(dirs, fb)
+		}
+	}
+	return dirs
+}
+
+// Sockets returns the control sockets in dir (the *.sock files), sorted.
+func Sockets(dir string) []string {
+	matches, _ := filepath.Glob(filepath.Join(dir, "*.sock"))
+	return matches
+}
+
 // Find picks a control socket: path if set, else the one of name, else the
 // only socket in DefaultDir.
 func Find(path, name string) (string, error) {
+	return find(path, name, DefaultDir())
+}
+
+func find(path, name, dir string) (string, error) {
 	if path != "" {
 		return path, nil
 	}
 	if name != "" {
-		return DefaultPath(name), nil
+		return filepath.Join(dir, name+".sock"), nil
 	}
-	dir := DefaultDir()
-	matches, _ := filepath.Glob(filepath.Join(dir, "*.sock"))
+	matches := Sockets(dir)
 	switch len(matches) {
 	case 0:
 		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", dir)
@@ -53,7 +76,7 @@ func Find(path, name string) (string, error) {
 	for _, m := range matches {
 		names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
 	}
-	return "", fmt.Errorf("several masters run (%s): pick one with --name", strings.Join(names, ", "))
+	return "", fmt.Errorf("several masters run (%s): pick one with --name; gorolling ls lists them", strings.Join(names, ", "))
 }
 
 // Call sends one request to the master at path and returns its answer;

@@ -76,9 +76,21 @@ func Listen(path string, log hclog.Logger) (*Server, error) {
 	if err := checkPrivateDir(dir); err != nil {
 		return nil, err
 	}
+	// Two masters that start at once under the same name must not both
+	// find the socket stale: one would remove the other's fresh socket and
+	// bind its own, and both would run, one of them unreachable. The
+	// check, the removal and the bind run under an exclusive lock on a
+	// file beside the socket (kept: removing a lock file races with its
+	// next user).
+	unlock, err := lockFile(path + ".lock")
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	taken := fmt.Errorf("control socket %s: another master is running there (give this one another --name or --control)", path)
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
-		return nil, fmt.Errorf("control socket %s: another master is running there (give this one another --name or --control)", path)
+		return nil, taken
 	} else if errors.Is(err, syscall.ECONNREFUSED) {
 		os.Remove(path) // stale: nobody listens
 	}
@@ -87,11 +99,34 @@ func Listen(path string, log hclog.Logger) (*Server, error) {
 	old := syscall.Umask(0o177)
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
+	if errors.Is(err, syscall.EADDRINUSE) {
+		return nil, taken // a master whose queue is full, or a file that is not a socket
+	}
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	l.SetUnlinkOnClose(false)
 	return newServer(l, path, log), nil
+}
+
+// lockFile takes an exclusive flock on path (created 0600, never through a
+// symlink) and returns its release.
+func lockFile(path string) (func(), error) {
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("control socket lock %s: %w", path, err)
+	}
+	for {
+		err = unix.Flock(fd, unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("control socket lock %s: %w", path, err)
+	}
+	return func() { unix.Close(fd) }, nil
 }
 
 // FromFD serves the control socket a predecessor master handed over on

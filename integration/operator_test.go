@@ -1,0 +1,229 @@
+package integration
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The tests of this file cover what an operator sees of several masters
+// on one host: ls, and two services that would share a name.
+
+// TestLs lists two masters of one control directory, leaves out a stale
+// socket, and prints the same data as JSON.
+func TestLs(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ctl")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	a := startMaster(t, masterOpts{args: []string{"--control", filepath.Join(dir, "api.sock"), "-w", "2", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	b := startMaster(t, masterOpts{args: []string{"--control", filepath.Join(dir, "web.sock"), "-w", "1", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
+	a.waitServing()
+	b.waitServing()
+	// A master that was killed leaves its socket file behind.
+	stale := filepath.Join(dir, "gone.sock")
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: stale}); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Close(fd)
+
+	code, out, errOut := gorolling(t, nil, "ls", "--dir", dir, "--json")
+	if code != 0 {
+		t.Fatalf("ls --json: exit %d: %s", code, errOut)
+	}
+	var got []struct {
+		Name       string `json:"name"`
+		PID        int    `json:"pid"`
+		Version    string `json:"version"`
+		Generation int    `json:"generation"`
+		Ready      int    `json:"workers_ready"`
+		Workers    int    `json:"workers"`
+		Upgrade    string `json:"upgrade"`
+		Error      string `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(out), &got); err != nil {
+		t.Fatalf("ls --json: %v\n%s", err, out)
+	}
+	if len(got) != 2 || got[0].Name != "api" || got[1].Name != "web" {
+		t.Fatalf("ls --json listed %+v, want api and web (not the stale socket)", got)
+	}
+	for i, want := range []struct {
+		pid, workers int
+	}{{a.cmd.Process.Pid, 2}, {b.cmd.Process.Pid, 1}} {
+		e := got[i]
+		if e.PID != want.pid || e.Generation != 1 || e.Ready != want.workers || e.Workers != want.workers || e.Version == "" || e.Error != "" {
+			t.Errorf("%s: %+v, want pid %d, generation 1, %d/%d ready", e.Name, e, want.pid, want.workers, want.workers)
+		}
+	}
+
+	code, out, errOut = gorolling(t, nil, "ls", "--dir", dir)
+	if code != 0 {
+		t.Fatalf("ls: exit %d: %s", code, errOut)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "NAME") {
+		t.Fatalf("ls printed:\n%s", out)
+	}
+	for i, name := range []string{"api", "web"} {
+		f := strings.Fields(lines[i+1])
+		if len(f) < 7 || f[0] != name || f[4] != "1" || f[6] != "none" {
+			t.Errorf("ls line %q: want %s, generation 1, no upgrade", lines[i+1], name)
+		}
+	}
+	if f := strings.Fields(lines[1]); len(f) > 5 && f[5] != "2/2" {
+		t.Errorf("api: ready %s, want 2/2", f[5])
+	}
+
+	// An empty directory: nothing on stdout, a word on stderr, exit 0.
+	empty := t.TempDir()
+	if code, out, errOut := gorolling(t, nil, "ls", "--dir", empty); code != 0 || out != "" || !strings.Contains(errOut, "no master runs") {
+		t.Errorf("ls of an empty directory: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	if code, out, _ := gorolling(t, nil, "ls", "--dir", empty, "--json"); code != 0 || strings.TrimSpace(out) != "[]" {
+		t.Errorf("ls --json of an empty directory: exit %d, %q", code, out)
+	}
+}
+
+// TestSameNameRefused: a second service started under the name of one
+// that runs refuses to start, names --name, and leaves the first one's
+// control socket to it, also when both start at the same moment over a
+// stale socket file.
+func TestSameNameRefused(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ctl")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ctl := filepath.Join(dir, "app.sock")
+	args := func() []string {
+		return []string{"exec", "--log-format", "json", "--control", ctl, "-w", "1", "--", binPath("example-server"), "-listen", "127.0.0.1:0"}
+	}
+	for round := 0; round < 5; round++ {
+		// Leave a stale socket where both will look.
+		os.Remove(ctl)
+		fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: ctl}); err != nil {
+			t.Fatal(err)
+		}
+		syscall.Close(fd)
+
+		var cmds [2]*exec.Cmd
+		var errs [2]*strings.Builder
+		var reaped [2]atomic.Bool
+		exited := make(chan int, 2)
+		for i := range cmds {
+			cmds[i] = exec.Command(binPath("gorolling"), args()...)
+			errs[i] = &strings.Builder{}
+			cmds[i].Stderr = errs[i]
+			if err := cmds[i].Start(); err != nil {
+				t.Fatal(err)
+			}
+			c, r := cmds[i], &reaped[i]
+			t.Cleanup(func() {
+				if !r.Load() {
+					c.Process.Signal(syscall.SIGKILL)
+				}
+			})
+		}
+		for i := range cmds {
+			go func() {
+				cmds[i].Wait()
+				reaped[i].Store(true)
+				exited <- i
+			}()
+		}
+		// One of them must give up, quickly and with the reason.
+		var loser int
+		select {
+		case loser = <-exited:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("round %d: both masters run under one name", round)
+		}
+		winner := 1 - loser
+		if code := cmds[loser].ProcessState.ExitCode(); code != 1 || !strings.Contains(errs[loser].String(), "--name") {
+			t.Fatalf("round %d: the second master exited %d: %s", round, code, errs[loser].String())
+		}
+		// The control socket is the survivor's.
+		st := statusOf(t, ctl)
+		if pid := int(st["pid"].(float64)); pid != cmds[winner].Process.Pid {
+			t.Fatalf("round %d: the control socket answers for pid %d, want the running master %d", round, pid, cmds[winner].Process.Pid)
+		}
+		cmds[winner].Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(60 * time.Second):
+			t.Fatalf("round %d: master %d did not stop", round, cmds[winner].Process.Pid)
+		}
+	}
+}
+
+// TestChdirFollowsSymlinkDeploys: with --chdir through a "current" symlink,
+// each generation runs the release the symlink names when it starts: its
+// working directory and its program (given relative to the directory).
+func TestChdirFollowsSymlinkDeploys(t *testing.T) {
+	root := t.TempDir()
+	for _, rel := range []string{"1", "2"} {
+		d := filepath.Join(root, "releases", rel)
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(binPath("testworker"), filepath.Join(d, "server")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	current := filepath.Join(root, "current")
+	flip := func(rel string) {
+		t.Helper()
+		tmp := current + ".new"
+		os.Remove(tmp)
+		if err := os.Symlink(filepath.Join("releases", rel), tmp); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, current); err != nil {
+			t.Fatal(err)
+		}
+	}
+	flip("1")
+	report := filepath.Join(t.TempDir(), "report")
+	p := startMaster(t, masterOpts{
+		dir:  "/",
+		args: []string{"-w", "2", "--chdir", current, "--", "./server"},
+		env:  []string{"TW_SCRIPT=cwd; listen tcp 127.0.0.1:0", "TW_REPORT=" + report},
+	})
+	p.waitServing()
+	flip("2")
+	p.upgrade(60 * time.Second)
+	for _, gen := range []int{1, 2} {
+		want := filepath.Join(root, "releases", strconv.Itoa(gen))
+		n := 0
+		for _, r := range readReports(t, report) {
+			if r.Op != "cwd" || r.Gen != gen {
+				continue
+			}
+			n++
+			if r.Addr != want {
+				t.Errorf("generation %d worker %d runs in %s, want %s", gen, r.PID, r.Addr, want)
+			}
+		}
+		if n != 2 {
+			t.Errorf("generation %d: %d workers reported, want 2", gen, n)
+		}
+	}
+	// A --chdir that is not a directory is refused at start.
+	if code, _, errOut := gorolling(t, nil, "exec", "--control", "none", "--chdir", filepath.Join(root, "nope"), "--", "./server"); code != 1 || !strings.Contains(errOut, "--chdir") {
+		t.Errorf("--chdir to nothing: exit %d, %q", code, errOut)
+	}
+}
