@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"runtime"
@@ -220,6 +221,14 @@ func (s *Self) AttachStore(st *sdnotify.Store, wake func()) {
 	if s != nil {
 		s.store, s.storeWake = st, wake
 	}
+}
+
+// Listen returns a listener that outlives self-upgrades: the first master
+// binds it, and tableflip hands it to every successor, which gets the same
+// socket for the same network and address (a port-0 address keeps the port
+// it got). For the master's own endpoints, never for workers.
+func (s *Self) Listen(network, addr string) (net.Listener, error) {
+	return s.upg.Fds.Listen(network, addr)
 }
 
 // ServiceStarted is when the first master of this service started.

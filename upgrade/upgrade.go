@@ -134,6 +134,9 @@ type Config struct {
 	// Self, if set, makes master self-upgrades possible and tells systemd
 	// about readiness (READY=1, RELOADING=1, MAINPID=).
 	Self *Self
+	// Finished, if set, is told of every upgrade that finished (not the
+	// first start), from the manager's goroutine: it must not block.
+	Finished func(control.UpgradeOutcome)
 }
 
 // Manager runs the first start and then upgrades, one at a time, from a
@@ -238,6 +241,9 @@ func (u *Manager) Run() error {
 			continue
 		}
 		res := u.run(req.at, req.kind)
+		if u.cfg.Finished != nil {
+			u.cfg.Finished(res.Outcome())
+		}
 		for _, w := range req.waiters {
 			w <- res
 		}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"errors"
+	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"sync"
@@ -11,6 +13,7 @@ import (
 	"github.com/gorolling/gorolling/master"
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/metrics"
 	"github.com/gorolling/gorolling/master/registry"
 	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/gorolling/gorolling/upgrade"
@@ -37,9 +40,11 @@ type daemon struct {
 	stopOnce sync.Once
 	stopReq  chan struct{} // closed by the first stop request
 
-	store      *sdnotify.Store // systemd's fd store, nil if not kept
-	storeWake  chan struct{}   // the registry or the master changed
-	storeErr   string          // the last fd store failure logged, and when
+	metrics    *metrics.Metrics // nil without --metrics
+	metricsL   net.Listener     // where they are served
+	store      *sdnotify.Store  // systemd's fd store, nil if not kept
+	storeWake  chan struct{}    // the registry or the master changed
+	storeErr   string           // the last fd store failure logged, and when
 	storeErrAt time.Time
 	watchdog   time.Duration // WatchdogSec=, 0 for none
 }
@@ -99,6 +104,24 @@ func (d *daemon) run() error {
 		d.serveManager(mgrQuit)
 		return nil
 	}, func(error) { close(mgrQuit) })
+	if d.metricsL != nil {
+		// Served until the group ends: at a handover the successor serves
+		// the same socket from then on.
+		srv := &http.Server{Handler: d.metrics.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := srv.Serve(d.metricsL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				d.log.Warn("metrics: no longer served", "error", err)
+			}
+		}()
+		done := make(chan struct{})
+		g.Add(func() error {
+			<-done
+			return nil
+		}, func(error) {
+			srv.Close()
+			close(done)
+		})
+	}
 	if debugStall != nil {
 		go debugStall(d)
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -16,6 +17,7 @@ import (
 	"github.com/gorolling/gorolling/master/account"
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/metrics"
 	"github.com/gorolling/gorolling/master/registry"
 	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/gorolling/gorolling/upgrade"
@@ -44,6 +46,7 @@ type execOptions struct {
 	maxSockets   int
 	fdStore      string
 	chdir        string
+	metrics      string
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -69,6 +72,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
 	fs.StringVar(&o.fdStore, "fd-store", "auto", "keep every socket in systemd's file descriptor store, so that a master that dies and is restarted refuses no connection: on (needs FileDescriptorStoreMax= in the unit), off, or auto (on when systemd announces a store in $FDSTORE, systemd 254 and later)")
 	fs.StringVar(&o.chdir, "chdir", "", "the workers' working directory, entered anew at every spawn, so that a symlink in it switched to a new release (/srv/app/current) takes effect at the next HUP; a relative PROGRAM with a '/' is found in it too (default: the master's working directory at start)")
+	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; off by default); the socket passes to the next master at a self-upgrade")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
 }
@@ -171,6 +175,11 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 			return 1
 		}
 		o.chdir = abs
+	}
+	if o.metrics != "" {
+		if _, _, err := net.SplitHostPort(o.metrics); err != nil {
+			return fail("--metrics %q: want HOST:PORT: %v", o.metrics, err)
+		}
 	}
 	switch o.fdStore {
 	case "auto", "on", "off":
@@ -378,12 +387,24 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if d.store != nil {
 		d.self.AttachStore(d.store, d.wakeStore)
 	}
-	d.mgr = upgrade.New(d.m, upgrade.Config{
+	cfg := upgrade.Config{
 		ReadyTimeout: o.readyTimeout,
 		ReadyHint:    readyHint,
 		Logger:       root.Named("upgrade"),
 		Self:         d.self,
-	})
+	}
+	if o.metrics != "" {
+		d.metrics = metrics.New(d.Status, d.version)
+		cfg.Finished = d.metrics.UpgradeFinished
+	}
+	d.mgr = upgrade.New(d.m, cfg)
+	if o.metrics != "" {
+		if d.metricsL, err = d.self.Listen("tcp", o.metrics); err != nil {
+			d.close(!d.self.HasParent())
+			return startFailed(fmt.Errorf("--metrics %s: %w", o.metrics, err))
+		}
+		d.log.Info("serving metrics", events.Key, events.MetricsServing, "addr", d.metricsL.Addr().String())
+	}
 	d.log.Info("master starting", events.Key, events.MasterStarting, "pid", os.Getpid(), "version", d.version, "program", d.program, "workers", workers, "control", ctlPath, "successor", d.self.HasParent())
 	if err := d.run(); err != nil {
 		d.log.Error("first generation failed", "error", err)

@@ -39,6 +39,7 @@ const (
 	StoreSynced         = "fdstore.synced"        // added, removed, held (debug level)
 	StoreFailed         = "fdstore.failed"        // error
 	WatchdogEnabled     = "watchdog.enabled"      // timeout
+	MetricsServing      = "metrics.serving"       // addr: --metrics listens there
 	OrphanReaped        = "orphan.reaped"         // pid, status (as pid 1, debug level)
 )
 
