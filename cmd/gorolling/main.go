@@ -92,6 +92,12 @@ func init() {
 			},
 		},
 		{
+			name: "completion", args: "bash|zsh",
+			summary: "print a shell completion script",
+			long:    completionLong,
+			run:     runCompletion,
+		},
+		{
 			name: "man", summary: "print the gorolling(1) manual page (roff)",
 			run: func(_ []string, stdout, _ io.Writer) int {
 				writeMan(stdout)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -30,6 +32,11 @@ func TestCommandLine(t *testing.T) {
 		{name: "bad log format", args: []string{"exec", "--log-format", "xml", "--", "true"}, code: 2, err: `unknown log format "xml"`},
 		{name: "bad log level", args: []string{"exec", "--log-level", "loud", "--", "true"}, code: 2, err: `unknown log level "loud"`},
 		{name: "bad timeout", args: []string{"exec", "--drain-timeout", "-1s", "--", "true"}, code: 2, err: "--drain-timeout must be positive"},
+		{name: "bad metrics address", args: []string{"exec", "--metrics", "9464", "--", "true"}, code: 2, err: "--metrics \"9464\": want HOST:PORT"},
+		{name: "chdir to nothing", args: []string{"exec", "--chdir", "/nonexistent/dir", "--", "true"}, code: 1, err: "--chdir"},
+		{name: "ls --json of an empty dir", args: []string{"ls", "--json", "--dir", "/nonexistent/dir"}, code: 0, out: "[]"},
+		{name: "completion without a shell", args: []string{"completion"}, code: 2, err: "bash or zsh"},
+		{name: "completion zsh", args: []string{"completion", "zsh"}, code: 0, out: "#compdef gorolling"},
 		{name: "program not found", args: []string{"exec", "--log-level", "error", "--", "/nonexistent/prog"}, code: 1, err: "not found"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -58,6 +65,44 @@ func TestParseSignal(t *testing.T) {
 	for _, in := range []string{"", "0", "99", "NOPE"} {
 		if _, err := parseSignal(in); err == nil {
 			t.Errorf("parseSignal(%q) accepted", in)
+		}
+	}
+}
+
+// TestBashCompletion runs the generated script in bash: commands, a
+// command's flags, and help's arguments complete.
+func TestBashCompletion(t *testing.T) {
+	var script bytes.Buffer
+	if code := run([]string{"completion", "bash"}, &script, &bytes.Buffer{}); code != 0 {
+		t.Fatalf("completion bash: exit %d", code)
+	}
+	for words, want := range map[string]string{
+		"gorolling ex":                "exec",
+		"gorolling exec --ch":         "--chdir",
+		"gorolling exec --metr":       "--metrics",
+		"gorolling status --na":       "--name",
+		"gorolling ls --j":            "--json",
+		"gorolling help upg":          "upgrade",
+		"gorolling completion z":      "zsh",
+		"gorolling exec --chdir /u":   "/usr",
+		"gorolling exec --fd-store o": "on",
+	} {
+		f := strings.Fields(words)
+		if strings.HasSuffix(words, " ") {
+			f = append(f, "")
+		}
+		prog := script.String() + "\nCOMP_WORDS=(" + strings.Join(f, " ") + "); COMP_CWORD=" + strconv.Itoa(len(f)-1) + "; _gorolling; printf '%s\\n' \"${COMPREPLY[@]}\"\n"
+		out, err := exec.Command("bash", "-c", prog).CombinedOutput()
+		if err != nil {
+			t.Fatalf("bash: %v\n%s", err, out)
+		}
+		got := strings.Fields(string(out))
+		found := false
+		for _, g := range got {
+			found = found || g == want
+		}
+		if !found {
+			t.Errorf("%q completes to %v, want %q among them", words, got, want)
 		}
 	}
 }
