@@ -2,9 +2,11 @@ package integration
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -225,5 +227,77 @@ func TestChdirFollowsSymlinkDeploys(t *testing.T) {
 	// A --chdir that is not a directory is refused at start.
 	if code, _, errOut := gorolling(t, nil, "exec", "--control", "none", "--chdir", filepath.Join(root, "nope"), "--", "./server"); code != 1 || !strings.Contains(errOut, "--chdir") {
 		t.Errorf("--chdir to nothing: exit %d, %q", code, errOut)
+	}
+}
+
+// TestWorkerLogPrefix: with --worker-log-prefix and --log-format json,
+// every line a worker writes comes out of the master as a JSON record
+// naming the worker, on the stream it was written to, and the relay
+// leaves no descriptor behind after upgrades.
+func TestWorkerLogPrefix(t *testing.T) {
+	script := filepath.Join(t.TempDir(), "app")
+	body := "#!/bin/sh\necho \"hello from slot $GOROLLING_SLOT\"\necho 'oops \"quoted\"' >&2\nexec " + binPath("example-server") + " -listen 127.0.0.1:0\n"
+	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := startMaster(t, masterOpts{args: []string{"-w", "2", "--worker-log-prefix", "--", script}})
+	p.waitServing()
+	fds := func() int {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+		return len(ents)
+	}
+	base := fds()
+	for i := 0; i < 3; i++ {
+		p.upgrade(60 * time.Second)
+	}
+	// Each generation's lines, from each stream.
+	type rec struct {
+		Module  string `json:"@module"`
+		Message string `json:"@message"`
+		Gen     int    `json:"generation"`
+		Slot    int    `json:"slot"`
+		PID     int    `json:"pid"`
+		Stream  string `json:"stream"`
+	}
+	var stdout, stderr []rec
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		stdout, stderr = nil, nil
+		p.mu.Lock()
+		out := p.stdout.String()
+		p.mu.Unlock()
+		for _, l := range strings.Split(out, "\n") {
+			var r rec
+			if json.Unmarshal([]byte(l), &r) == nil && r.Module == "worker" {
+				stdout = append(stdout, r)
+			}
+		}
+		for _, e := range p.entries() {
+			if e.str("@module") == "worker" {
+				stderr = append(stderr, rec{Module: "worker", Message: e.str("@message"), Gen: e.num("generation"), Slot: e.num("slot"), PID: e.num("pid"), Stream: e.str("stream")})
+			}
+		}
+		if len(stdout) >= 8 && len(stderr) >= 8 || time.Now().After(end) {
+			break
+		}
+	}
+	if len(stdout) != 8 || len(stderr) != 8 {
+		t.Fatalf("%d stdout and %d stderr records from 4 generations of 2 workers, want 8 each", len(stdout), len(stderr))
+	}
+	for _, r := range stdout {
+		pids := p.workerPIDs(r.Gen)
+		if r.Message != fmt.Sprintf("hello from slot %d", r.Slot) || r.Stream != "stdout" || !slices.Contains(pids, r.PID) {
+			t.Errorf("stdout record %+v (generation %d workers %v)", r, r.Gen, pids)
+		}
+	}
+	for _, r := range stderr {
+		if r.Message != `oops "quoted"` || r.Stream != "stderr" || r.Gen < 1 || r.Gen > 4 {
+			t.Errorf("stderr record %+v", r)
+		}
+	}
+	// The relays of the drained generations closed their pipes.
+	for end := time.Now().Add(5 * time.Second); fds() != base; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("the master holds %d descriptors after 3 upgrades, %d before", fds(), base)
+		}
 	}
 }

@@ -57,6 +57,12 @@ type Config struct {
 	// a relative Program with a '/' is resolved in it too. Empty means the
 	// master's working directory as it was at New.
 	Dir string
+	// Output says how the workers' output reaches the master's stdout and
+	// stderr: as they wrote it (the default), or relayed line by line and
+	// attributed to the worker. Relayed output passes through the master:
+	// if the master dies, its workers' next writes to stdout or stderr
+	// fail (EPIPE; a Go program dies of SIGPIPE writing to fd 1 or 2).
+	Output Output
 	// ReapOrphans makes the master reap every orphan re-parented to it, as
 	// an init must: set it when the master is pid 1 (a container's init).
 	ReapOrphans bool

@@ -160,21 +160,38 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 		logged: make(map[string]bool),
 	}
 	w.spawnedAt = m.cfg.clock.now()
+	stdout, stderr, relayed, err := m.outputPipes()
+	if err != nil {
+		ns.Close()
+		return fail(err, files...)
+	}
 	proc, err := m.cfg.start(procSpec{
 		Path: path, Args: args, Env: workerEnv(m.cfg.env, extra...), Dir: m.cfg.dir,
 		Files: append(files, wf), Cred: m.cfg.Account.Credential(),
-		Stdout: m.cfg.stdout, Stderr: m.cfg.stderr,
+		Stdout: stdout, Stderr: stderr,
 	})
 	for _, f := range files {
 		f.Close()
 	}
 	wf.Close() // the master's end sees EOF once the worker is gone
+	if relayed[0] != nil {
+		// The write ends are the worker's now: the relay sees EOF once
+		// the worker, and anything it left running, has closed them.
+		stdout.Close()
+		stderr.Close()
+	}
 	if err != nil {
+		for _, r := range relayed {
+			if r != nil {
+				r.Close()
+			}
+		}
 		ns.Close()
 		conn.Close()
 		return nil, fmt.Errorf("start %s: %w", m.cfg.Program, err)
 	}
 	w.proc, w.pid = proc, proc.Pid()
+	m.relay(relayed, w)
 	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
 	m.mu.Lock()
 	if prev := s.w; prev != nil {

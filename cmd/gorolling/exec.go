@@ -47,6 +47,7 @@ type execOptions struct {
 	fdStore      string
 	chdir        string
 	metrics      string
+	logPrefix    bool
 }
 
 // execFlags defines the flags of "gorolling exec". The man page is
@@ -72,6 +73,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
 	fs.StringVar(&o.fdStore, "fd-store", "auto", "keep every socket in systemd's file descriptor store, so that a master that dies and is restarted refuses no connection: on (needs FileDescriptorStoreMax= in the unit), off, or auto (on when systemd announces a store in $FDSTORE, systemd 254 and later)")
 	fs.StringVar(&o.chdir, "chdir", "", "the workers' working directory, entered anew at every spawn, so that a symlink in it switched to a new release (/srv/app/current) takes effect at the next HUP; a relative PROGRAM with a '/' is found in it too (default: the master's working directory at start)")
+	fs.BoolVar(&o.logPrefix, "worker-log-prefix", false, "relay every line the workers write through the master, prefixed with [gen N slot S pid P] (with --log-format json: as JSON records with those fields); off, workers write to the master's stdout and stderr themselves, which a master crash cannot break")
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; off by default); the socket passes to the next master at a self-upgrade")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
 	return fs, o
@@ -374,6 +376,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		ReapOrphans:    pid1,
 		Changed:        d.wakeStore,
 		Dir:            o.chdir,
+		Output:         workerOutput(o),
 	})
 	if err != nil {
 		d.close(!d.self.HasParent())
@@ -489,4 +492,16 @@ func shimPath(otherUser bool) string {
 		}
 	}
 	return "/proc/self/exe"
+}
+
+// workerOutput says how the workers' output reaches the master's stdout
+// and stderr.
+func workerOutput(o *execOptions) master.Output {
+	switch {
+	case !o.logPrefix:
+		return master.OutputDirect
+	case o.logFormat == "json":
+		return master.OutputJSON
+	}
+	return master.OutputPrefixed
 }
