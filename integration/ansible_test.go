@@ -72,5 +72,10 @@ func TestAnsibleRollout(t *testing.T) {
 		t.Errorf("after the broken release generation %d serves, want the old 2", g)
 	}
 	waitHTTP(t, addr, 5*time.Second)
+	// The previous release is back on disk, for the old generation's
+	// respawns.
+	if b, err := os.ReadFile(app); err != nil || len(b) != len(good) {
+		t.Errorf("after the rollback the program on disk has %d bytes (%v), want the good release's %d", len(b), err, len(good))
+	}
 	t.Logf("broken release: ansible-playbook exit %d; generation 2 still serves", code)
 }

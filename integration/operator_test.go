@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/gorolling/gorolling/master/events"
 )
 
 // The tests of this file cover what an operator sees of several masters
@@ -174,7 +176,8 @@ func TestSameNameRefused(t *testing.T) {
 
 // TestChdirFollowsSymlinkDeploys: with --chdir through a "current" symlink,
 // each generation runs the release the symlink names when it starts: its
-// working directory and its program (given relative to the directory).
+// working directory and its program (given relative to the directory),
+// and keeps it for its respawns.
 func TestChdirFollowsSymlinkDeploys(t *testing.T) {
 	root := t.TempDir()
 	for _, rel := range []string{"1", "2"} {
@@ -207,8 +210,19 @@ func TestChdirFollowsSymlinkDeploys(t *testing.T) {
 	})
 	p.waitServing()
 	flip("2")
+	// A crash in generation 1 after the switch: its respawn runs release
+	// 1 still, the release its generation started with (a rollback keeps
+	// its old code the same way).
+	victim := p.workerPIDs(1)[0]
+	from := len(p.entries())
+	if err := syscall.Kill(victim, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	p.waitLog(30*time.Second, from, "the respawned worker", func(e entry) bool {
+		return e.event() == events.WorkerReady && e.num("generation") == 1
+	})
 	p.upgrade(60 * time.Second)
-	for _, gen := range []int{1, 2} {
+	for gen, workers := range map[int]int{1: 3, 2: 2} {
 		want := filepath.Join(root, "releases", strconv.Itoa(gen))
 		n := 0
 		for _, r := range readReports(t, report) {
@@ -220,8 +234,8 @@ func TestChdirFollowsSymlinkDeploys(t *testing.T) {
 				t.Errorf("generation %d worker %d runs in %s, want %s", gen, r.PID, r.Addr, want)
 			}
 		}
-		if n != 2 {
-			t.Errorf("generation %d: %d workers reported, want 2", gen, n)
+		if n != workers {
+			t.Errorf("generation %d: %d workers reported, want %d", gen, n, workers)
 		}
 	}
 	// A --chdir that is not a directory is refused at start.

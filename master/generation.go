@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"time"
 
 	"github.com/gorolling/gorolling/handoff"
@@ -49,8 +50,10 @@ var errStopped = errors.New("master: generation stopped")
 type Generation struct {
 	// Num is the generation number: 1, 2, ...
 	Num int
-	// path is the absolute program path this generation runs.
-	path string
+	// path is the absolute program path this generation runs, and dir
+	// its workers' working directory, both with symlinks resolved when it
+	// started.
+	path, dir string
 	// Started is when the generation was created.
 	Started time.Time
 
@@ -85,6 +88,21 @@ type slot struct {
 // cannot be spawned it returns the generation (so the caller can drain the
 // workers that did start) and the error.
 func (m *Master) StartGeneration(path string, serving bool) (*Generation, error) {
+	// The generation keeps the release it started with: the program path
+	// and --chdir are resolved through their symlinks now, so that a
+	// respawn in this generation (a crash, a scale-up, the old generation
+	// after a rollback) runs this release even once a deploy switched a
+	// "current" symlink to another. A file replaced in place cannot be
+	// pinned this way.
+	dir := m.cfg.dir
+	if m.cfg.Dir != "" {
+		if r, err := filepath.EvalSymlinks(m.cfg.Dir); err == nil {
+			dir = r
+		}
+	}
+	if r, err := filepath.EvalSymlinks(path); err == nil {
+		path = r
+	}
 	m.mu.Lock()
 	if m.stopping {
 		m.mu.Unlock()
@@ -94,6 +112,7 @@ func (m *Master) StartGeneration(path string, serving bool) (*Generation, error)
 	g := &Generation{
 		Num:     m.lastGen,
 		path:    path,
+		dir:     dir,
 		Started: m.cfg.clock.now(),
 		m:       m,
 		state:   genStarting,

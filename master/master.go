@@ -51,11 +51,13 @@ type Config struct {
 	// (a master self-upgrade): generation numbers and worker ids never
 	// repeat within a service.
 	LastGeneration, LastWorkerID int
-	// Dir, if set, is the workers' working directory, an absolute path that
-	// each spawn enters anew, so that a symlink in it switched to a new
-	// release (current -> releases/N) takes effect at the next generation;
-	// a relative Program with a '/' is resolved in it too. Empty means the
-	// master's working directory as it was at New.
+	// Dir, if set, is the workers' working directory, an absolute path
+	// that each generation resolves through its symlinks when it starts, so
+	// that a symlink in it switched to a new release (current ->
+	// releases/N) takes effect at the next generation, while the workers
+	// of a running one (respawns included) stay in theirs; a relative
+	// Program with a '/' is resolved in it too. Empty means the master's
+	// working directory as it was at New.
 	Dir string
 	// Output says how the workers' output reaches the master's stdout and
 	// stderr: as they wrote it (the default), or relayed line by line and

@@ -166,7 +166,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 		return fail(err, files...)
 	}
 	proc, err := m.cfg.start(procSpec{
-		Path: path, Args: args, Env: workerEnv(m.cfg.env, extra...), Dir: m.cfg.dir,
+		Path: path, Args: args, Env: workerEnv(m.cfg.env, extra...), Dir: g.dir,
 		Files: append(files, wf), Cred: m.cfg.Account.Credential(),
 		Stdout: stdout, Stderr: stderr,
 	})

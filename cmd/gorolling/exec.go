@@ -72,7 +72,7 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
 	fs.StringVar(&o.fdStore, "fd-store", "auto", "keep every socket in systemd's file descriptor store, so that a master that dies and is restarted refuses no connection: on (needs FileDescriptorStoreMax= in the unit), off, or auto (on when systemd announces a store in $FDSTORE, systemd 254 and later)")
-	fs.StringVar(&o.chdir, "chdir", "", "the workers' working directory, entered anew at every spawn, so that a symlink in it switched to a new release (/srv/app/current) takes effect at the next HUP; a relative PROGRAM with a '/' is found in it too (default: the master's working directory at start)")
+	fs.StringVar(&o.chdir, "chdir", "", "the workers' working directory, resolved through its symlinks at every new generation, so that a symlink in it switched to a new release (/srv/app/current) takes effect at the next HUP while the running generation keeps its release; a relative PROGRAM with a '/' is found in it too (default: the master's working directory at start)")
 	fs.BoolVar(&o.logPrefix, "worker-log-prefix", false, "relay every line the workers write through the master, prefixed with [gen N slot S pid P] (with --log-format json: as JSON records with those fields); off, workers write to the master's stdout and stderr themselves, which a master crash cannot break")
 	fs.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics at http://ADDR/metrics (HOST:PORT; off by default); the socket passes to the next master at a self-upgrade")
 	fs.StringVar(&o.control, "control", "", "the control socket's path (overrides --name; \"none\" for no control socket)")
@@ -165,7 +165,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		return fail("--max-sockets must be 1 to %d, got %d", maxSocketsLimit, o.maxSockets)
 	}
 	if o.chdir != "" {
-		abs, err := filepath.Abs(o.chdir) // symlinks stay: each spawn follows them anew
+		abs, err := filepath.Abs(o.chdir) // symlinks stay: each generation resolves them anew
 		if err != nil {
 			return fail("--chdir %q: %v", o.chdir, err)
 		}
