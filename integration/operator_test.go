@@ -247,10 +247,21 @@ func TestChdirFollowsSymlinkDeploys(t *testing.T) {
 // TestWorkerLogPrefix: with --worker-log-prefix and --log-format json,
 // every line a worker writes comes out of the master as a JSON record
 // naming the worker, on the stream it was written to, and the relay
-// leaves no descriptor behind after upgrades.
+// leaves no descriptor behind after upgrades, even though every worker
+// leaves a process behind that holds its output pipes.
 func TestWorkerLogPrefix(t *testing.T) {
-	script := filepath.Join(t.TempDir(), "app")
-	body := "#!/bin/sh\necho \"hello from slot $GOROLLING_SLOT\"\necho 'oops \"quoted\"' >&2\nexec " + binPath("example-server") + " -listen 127.0.0.1:0\n"
+	dir := t.TempDir()
+	script := filepath.Join(dir, "app")
+	orphans := filepath.Join(dir, "orphans")
+	body := "#!/bin/sh\necho \"hello from slot $GOROLLING_SLOT\"\necho 'oops \"quoted\"' >&2\nsleep 20 &\necho $! >> " + orphans + "\nexec " + binPath("example-server") + " -listen 127.0.0.1:0\n"
+	t.Cleanup(func() {
+		b, _ := os.ReadFile(orphans)
+		for _, f := range strings.Fields(string(b)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid > 1 {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
 	if err := os.WriteFile(script, []byte(body), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -308,7 +319,8 @@ func TestWorkerLogPrefix(t *testing.T) {
 			t.Errorf("stderr record %+v", r)
 		}
 	}
-	// The relays of the drained generations closed their pipes.
+	// The relays of the drained generations closed their pipes, though the
+	// sleeps those workers left behind (20 s) still hold them.
 	for end := time.Now().Add(5 * time.Second); fds() != base; time.Sleep(50 * time.Millisecond) {
 		if time.Now().After(end) {
 			t.Fatalf("the master holds %d descriptors after 3 upgrades, %d before", fds(), base)

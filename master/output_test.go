@@ -6,6 +6,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"golang.org/x/time/rate"
 )
 
 // TestRelayLines: relayed lines keep their order, get the worker's prefix
@@ -22,18 +24,23 @@ func TestRelayLines(t *testing.T) {
 		}
 		long := strings.Repeat("x", maxLine+10)
 		go func() {
-			wr.WriteString("one\ntwo \xff\n" + long + "\nlast")
+			wr.WriteString("one\ntwo \xff\x00\r\x1b[2J\n" + long + "\nlast")
 			wr.Close()
 		}()
 		var out bytes.Buffer
-		m.relayStream(r, &out, "stderr", w)
+		m.relayStream(r, &out, "stderr", w, nil)
 		lines := strings.Split(strings.TrimSuffix(out.String(), "\n"), "\n")
-		if len(lines) != 5 {
-			t.Fatalf("format %d: %d lines, want 5 (one, two, the long one in 2 pieces, last)", format, len(lines))
+		// The long line comes in pieces of maxLine.
+		want := 3 + (len(long)+maxLine-1)/maxLine
+		if len(lines) != want {
+			t.Fatalf("format %d: %d lines, want %d (one, two, the long one in pieces, last)", format, len(lines), want)
 		}
 		if format == OutputPrefixed {
-			if lines[0] != "[gen 3 slot 1 pid 4242] one" || lines[4] != "[gen 3 slot 1 pid 4242] last" {
-				t.Errorf("prefixed: %q ... %q", lines[0], lines[4])
+			if lines[0] != "[gen 3 slot 1 pid 4242] one" || lines[len(lines)-1] != "[gen 3 slot 1 pid 4242] last" {
+				t.Errorf("prefixed: %q ... %q", lines[0], lines[len(lines)-1])
+			}
+			if lines[1] != "[gen 3 slot 1 pid 4242] two \xff\\x00\\x0d\\x1b[2J" {
+				t.Errorf("control bytes not made inert: %q", lines[1])
 			}
 			continue
 		}
@@ -48,8 +55,34 @@ func TestRelayLines(t *testing.T) {
 			}
 			msgs = append(msgs, rec["@message"].(string))
 		}
-		if msgs[0] != "one" || msgs[1] != "two \ufffd" || len(msgs[2])+len(msgs[3]) != len(long) || msgs[4] != "last" {
-			t.Errorf("messages %q", []string{msgs[0], msgs[1], msgs[4]})
+		total := 0
+		for _, m := range msgs[2 : len(msgs)-1] {
+			total += len(m)
 		}
+		if msgs[0] != "one" || msgs[1] != "two \ufffd\x00\r\x1b[2J" || total != len(long) || msgs[len(msgs)-1] != "last" {
+			t.Errorf("messages %q", []string{msgs[0], msgs[1], msgs[len(msgs)-1]})
+		}
+	}
+}
+
+// TestRelayRateLimit: a worker writing lines faster than outputRate loses
+// the excess, and the count of what was dropped is relayed.
+func TestRelayRateLimit(t *testing.T) {
+	m := &Master{cfg: Config{Output: OutputPrefixed}}
+	w := &child{ID: 1, Slot: 0, pid: 99, gen: &Generation{Num: 1}}
+	r, wr, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		wr.WriteString(strings.Repeat("spam\n", outputBurst*3))
+		wr.Close()
+	}()
+	var out bytes.Buffer
+	// A limiter that refills slowly: the burst passes, then almost nothing.
+	m.relayStream(r, &out, "stdout", w, rate.NewLimiter(1, outputBurst))
+	n := strings.Count(out.String(), "] spam\n")
+	if n < outputBurst || n > outputBurst+5 {
+		t.Errorf("%d lines relayed of %d, want the burst of %d", n, outputBurst*3, outputBurst)
 	}
 }

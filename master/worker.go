@@ -90,6 +90,7 @@ type child struct {
 	status   string          // the last STATUS= the worker sent
 	statusAt time.Time       // when a STATUS= was last logged at info level
 	logged   map[string]bool // warnings already logged once for this worker
+	output   [2]*os.File     // the relay's read ends (Config.Output), or nil
 }
 
 // spawn starts one worker in slot s of g and makes it the slot's worker
@@ -175,8 +176,9 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 	}
 	wf.Close() // the master's end sees EOF once the worker is gone
 	if relayed[0] != nil {
-		// The write ends are the worker's now: the relay sees EOF once
-		// the worker, and anything it left running, has closed them.
+		// The write ends are the worker's now: the relay sees end of
+		// file once the worker and what it left running have closed them,
+		// or stops 1 s after the worker exited (wait).
 		stdout.Close()
 		stderr.Close()
 	}
@@ -191,6 +193,7 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 		return nil, fmt.Errorf("start %s: %w", m.cfg.Program, err)
 	}
 	w.proc, w.pid = proc, proc.Pid()
+	w.output = relayed
 	m.relay(relayed, w)
 	w.log = m.log.With("generation", g.Num, "slot", slot, "pid", w.pid, "worker_id", id)
 	m.mu.Lock()
@@ -220,6 +223,18 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 // wait reaps the worker and tells its generation.
 func (w *child) wait() {
 	desc, _ := w.proc.Wait()
+	if w.output[0] != nil {
+		// A process the worker left behind may hold its output pipes for
+		// ever; the relay must not, or a worker that crash-loops leaving
+		// orphans would grow the master by two descriptors and two
+		// goroutines per crash. What the worker wrote before it exited is
+		// in the pipe already: a moment is enough to relay it.
+		out := w.output
+		time.AfterFunc(outputGrace, func() {
+			out[0].Close()
+			out[1].Close()
+		})
+	}
 	// Close the master's end now: a listener fd still unread in the
 	// channel's buffer stays referenced until then. The closes run on their
 	// own goroutine: on kernels that cannot refuse a worker's descriptors,
