@@ -9,6 +9,7 @@ require (
 	github.com/hashicorp/go-hclog v1.6.3
 	github.com/oklog/run v1.2.0
 	github.com/spf13/pflag v1.1.0
+	golang.org/x/net v0.47.0
 	golang.org/x/sys v0.50.0
 	golang.org/x/time v0.16.0
 )

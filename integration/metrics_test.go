@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -20,15 +22,20 @@ import (
 // (name and labels, as written).
 func scrape(t *testing.T, addr string) (string, map[string]float64) {
 	t.Helper()
-	c := http.Client{Timeout: 5 * time.Second}
+	// A connection of its own each time, as Prometheus's scrapes mostly
+	// are: no pooled connection hides a full server.
+	c := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	resp, err := c.Get("http://" + addr + "/metrics")
 	if err != nil {
 		t.Fatalf("scrape: %v", err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != 200 {
-		t.Fatalf("scrape: %d, %v", resp.StatusCode, err)
+	if err != nil {
+		t.Fatalf("scrape: %v", err)
+	}
+	if resp.StatusCode != 200 {
+		t.Fatalf("scrape: %s", resp.Status)
 	}
 	samples := map[string]float64{}
 	for _, line := range strings.Split(string(b), "\n") {
@@ -77,6 +84,33 @@ func TestMetrics(t *testing.T) {
 	}
 	if s["gorolling_master_open_fds"] <= 0 || s["gorolling_master_resident_memory_bytes"] <= 0 {
 		t.Errorf("master fds %v, RSS %v", s["gorolling_master_open_fds"], s["gorolling_master_resident_memory_bytes"])
+	}
+
+	// 24 clients that connect and say nothing: the master serves at most
+	// 16 connections at once (the rest wait in the queue), drops silent
+	// ones after 5 s, and answers scrapes again then.
+	fdsOf := func() int {
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+		return len(ents)
+	}
+	before := fdsOf()
+	var idle []net.Conn
+	for i := 0; i < 24; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		idle = append(idle, c)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if grown := fdsOf() - before; grown > 16 {
+		t.Errorf("24 silent connections cost the master %d descriptors, want at most 16", grown)
+	}
+	scraped := time.Now()
+	scrape(t, addr)
+	t.Logf("a scrape behind 24 silent connections: %s", time.Since(scraped).Round(time.Millisecond))
+	for _, c := range idle {
+		c.Close()
 	}
 
 	// Scrape all the time while three upgrades run: every scrape answers,

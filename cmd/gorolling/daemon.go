@@ -19,6 +19,7 @@ import (
 	"github.com/gorolling/gorolling/upgrade"
 	"github.com/hashicorp/go-hclog"
 	oklog "github.com/oklog/run"
+	"golang.org/x/net/netutil"
 	"golang.org/x/sys/unix"
 )
 
@@ -105,21 +106,40 @@ func (d *daemon) run() error {
 		return nil
 	}, func(error) { close(mgrQuit) })
 	if d.metricsL != nil {
-		// Served until the group ends: at a handover the successor serves
-		// the same socket from then on.
-		srv := &http.Server{Handler: d.metrics.Handler(), ReadHeaderTimeout: 5 * time.Second}
+		// Anyone who can reach the address can connect: a root master must
+		// not hold a descriptor and a goroutine for each of them for ever.
+		srv := &http.Server{
+			Handler:           d.metrics.Handler(),
+			ReadHeaderTimeout: 5 * time.Second,
+			ReadTimeout:       10 * time.Second,
+			WriteTimeout:      10 * time.Second,
+			IdleTimeout:       30 * time.Second,
+			MaxHeaderBytes:    8 << 10,
+		}
+		l := netutil.LimitListener(d.metricsL, metricsConns)
+		done := make(chan struct{})
 		go func() {
-			if err := srv.Serve(d.metricsL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			// A successor answers only once it serves: before, its
+			// predecessor does, and a successor that fails must never have
+			// answered (its counters would interleave with the old ones).
+			for d.self.HasParent() && !d.mgr.TookOver() {
+				select {
+				case <-done:
+					return
+				case <-time.After(20 * time.Millisecond):
+				}
+			}
+			if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				d.log.Warn("metrics: no longer served", "error", err)
 			}
 		}()
-		done := make(chan struct{})
 		g.Add(func() error {
 			<-done
 			return nil
 		}, func(error) {
-			srv.Close()
 			close(done)
+			srv.Close()
+			l.Close()
 		})
 	}
 	if debugStall != nil {
@@ -150,6 +170,10 @@ func (d *daemon) run() error {
 	}
 	return err
 }
+
+// metricsConns bounds the connections the metrics endpoint serves at once;
+// more wait in the listen queue.
+const metricsConns = 16
 
 // sharesFiles reports whether the socket files must stay when this master
 // ends: a successor serves them (err is ErrHandedOver), or this master is
