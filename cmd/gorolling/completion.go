@@ -78,8 +78,10 @@ func writeBashCompletion(w io.Writer) {
 		case valueFlags[name] != "":
 			fmt.Fprintf(w, "    %s) COMPREPLY=($(compgen %s -- \"$cur\")); return;;\n", v, valueFlags[name])
 		case name == "name":
-			// The services that run: their control sockets' names.
-			fmt.Fprintf(w, "    %s) COMPREPLY=($(compgen -W \"$(gorolling ls --json 2>/dev/null | sed -n 's/^ *\"name\": \"\\(.*\\)\",$/\\1/p')\" -- \"$cur\")); return;;\n", v)
+			// The services that run: their control sockets' names. Never
+			// through compgen -W, which would expand a $(...) in a name;
+			// only plain names, compared as text.
+			fmt.Fprintf(w, "    %s) local n; COMPREPLY=(); while IFS= read -r n; do [[ $n =~ ^[A-Za-z0-9._@-]+$ && $n == \"$cur\"* ]] && COMPREPLY+=(\"$n\"); done < <(gorolling ls --json 2>/dev/null | sed -n 's/^ *\"name\": \"\\(.*\\)\",$/\\1/p'); return;;\n", v)
 		default:
 			fmt.Fprintf(w, "    %s) return;;\n", v)
 		}

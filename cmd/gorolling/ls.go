@@ -19,12 +19,13 @@ import (
 
 const lsLong = `Asks every master whose control socket is in this user's control directories
 (/run/gorolling for root; $XDG_RUNTIME_DIR/gorolling and the /tmp/gorolling-UID
-fallback for other users), or in the directories given with --dir, and prints
+fallback for other users, each only if it is the user's own with mode 0700),
+or in the directories given with --dir, and prints
 one line for each: its name, pid, version, uptime, serving generation, ready
 and total workers, and the upgrade in progress. A socket nobody listens on any
 more (a master that was killed) is left out; a master that does not answer is
-listed with the error. Masters started with --control elsewhere are found only
-with --dir.`
+listed with the error, and a socket served by another user is left out.
+Masters started with --control elsewhere are found only with --dir.`
 
 // lsEntry is one master as ls prints it (--json prints these fields).
 type lsEntry struct {
@@ -58,7 +59,13 @@ func runLs(args []string, stdout, stderr io.Writer) int {
 	}
 	search := *dirs
 	if len(search) == 0 {
-		search = control.SearchDirs()
+		// A default directory someone else made (the /tmp fallback can be
+		// created by anyone first) is not ours to list.
+		for _, d := range control.SearchDirs() {
+			if control.PrivateDir(d) {
+				search = append(search, d)
+			}
+		}
 	}
 	var paths []string
 	for _, d := range search {
@@ -121,6 +128,9 @@ func lsQuery(path string) *lsEntry {
 	resp, err := control.Call(path, control.Request{Cmd: "status"}, 3*time.Second)
 	if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
 		return nil // nobody listens: a master that died, or one that just exited
+	}
+	if errors.Is(err, control.ErrForeign) {
+		return nil // another user's socket: not a master of ours, whatever its name
 	}
 	if err == nil && !resp.OK {
 		err = errors.New(resp.Error)

@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -104,5 +106,34 @@ func TestBashCompletion(t *testing.T) {
 		if !found {
 			t.Errorf("%q completes to %v, want %q among them", words, got, want)
 		}
+	}
+}
+
+// TestCompletionNamesAreInert: names of control sockets (which another
+// user may choose, in a directory of theirs) complete only if they are
+// plain, and nothing in them is ever run.
+func TestCompletionNamesAreInert(t *testing.T) {
+	var script bytes.Buffer
+	if code := run([]string{"completion", "bash"}, &script, &bytes.Buffer{}); code != 0 {
+		t.Fatalf("completion bash: exit %d", code)
+	}
+	dir := t.TempDir()
+	fake := "#!/bin/sh\nprintf '[\\n  {\\n    \"name\": \"$(touch${IFS}PWNED)\",\\n  },\\n  {\\n    \"name\": \"api\",\\n  }\\n]\\n'\n"
+	if err := os.WriteFile(filepath.Join(dir, "gorolling"), []byte(fake), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	prog := script.String() + "\nCOMP_WORDS=(gorolling status --name ''); COMP_CWORD=3; _gorolling; printf '%s\\n' \"${COMPREPLY[@]}\"\n"
+	cmd := exec.Command("bash", "-c", prog)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "PATH="+dir+":"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("bash: %v\n%s", err, out)
+	}
+	if got := strings.Fields(string(out)); len(got) != 1 || got[0] != "api" {
+		t.Errorf("--name completes to %q, want only api", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "PWNED")); err == nil {
+		t.Error("completing --name ran a command hidden in a socket name")
 	}
 }

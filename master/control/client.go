@@ -32,6 +32,15 @@ func DefaultDir() string {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("gorolling-%d", os.Geteuid()))
 }
 
+// ErrForeign is returned (wrapped) by Call when the socket is served by
+// neither root nor this process's user.
+var ErrForeign = errors.New("not a master of ours")
+
+// PrivateDir reports whether dir is this user's own, mode 0700, and not a
+// symlink: a directory another user made (a /tmp fallback created in
+// advance) could hold sockets of theirs under names of their choosing.
+func PrivateDir(dir string) bool { return checkPrivateDir(dir) == nil }
+
 // SearchDirs are the directories where this user's masters keep their
 // control sockets by default: DefaultDir, and for a user other than root
 // the temp-directory fallback too, which a master started without
@@ -95,7 +104,7 @@ func Call(path string, req Request, wait time.Duration) (*Response, error) {
 		return nil, fmt.Errorf("check who serves %s: %w", path, err)
 	}
 	if cred.Uid != 0 && int(cred.Uid) != os.Geteuid() {
-		return nil, fmt.Errorf("the control socket %s is served by uid %d, not by root or by you (uid %d): not talking to it", path, cred.Uid, os.Geteuid())
+		return nil, fmt.Errorf("%w: the control socket %s is served by uid %d, not by root or by you (uid %d): not talking to it", ErrForeign, path, cred.Uid, os.Geteuid())
 	}
 	c.SetDeadline(time.Now().Add(wait))
 	b, _ := json.Marshal(req)

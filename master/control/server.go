@@ -52,6 +52,7 @@ type Handler interface {
 type Server struct {
 	l    *net.UnixListener
 	path string
+	ino  uint64 // the socket file's inode when the server started
 	log  hclog.Logger
 	wg   sync.WaitGroup // connections being answered
 
@@ -151,7 +152,12 @@ func newServer(l *net.UnixListener, path string, log hclog.Logger) *Server {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
-	return &Server{l: l, path: path, log: log, conns: make(map[*net.UnixConn]*conn)}
+	s := &Server{l: l, path: path, log: log, conns: make(map[*net.UnixConn]*conn)}
+	var st unix.Stat_t
+	if unix.Lstat(path, &st) == nil {
+		s.ino = st.Ino
+	}
+	return s
 }
 
 // checkPrivateDir refuses a control directory that anyone but this
@@ -221,7 +227,19 @@ func (s *Server) Serve(h Handler) error {
 // not block, and it is idempotent.
 func (s *Server) Close(remove bool) {
 	s.l.Close()
-	if remove {
+	if !remove {
+		return
+	}
+	// Under the lock a starting master takes, and only while the file is
+	// still this server's: a master that started under the same name in
+	// the meantime keeps its socket.
+	unlock, err := lockFile(s.path + ".lock")
+	if err != nil {
+		return
+	}
+	defer unlock()
+	var st unix.Stat_t
+	if unix.Lstat(s.path, &st) == nil && st.Ino == s.ino {
 		os.Remove(s.path)
 	}
 }

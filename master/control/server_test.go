@@ -64,3 +64,42 @@ func TestListenSerialisesStarts(t *testing.T) {
 		t.Fatalf("the running master's socket is gone: %v", err)
 	}
 }
+
+// TestCloseKeepsAnotherMastersSocket: a master whose socket file was
+// replaced (a new master bound the name after this one's stop began)
+// leaves the new file alone when it removes its own.
+func TestCloseKeepsAnotherMastersSocket(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ctl")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "app.sock")
+	s, err := Listen(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Another master's socket now has the name.
+	os.Remove(path)
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Bind(fd, &unix.SockaddrUnix{Name: path}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close(true)
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("Close removed the other master's socket: %v", err)
+	}
+	// Its own file it removes.
+	os.Remove(path)
+	s2, err := Listen(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2.Close(true)
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("Close left its own socket file: %v", err)
+	}
+}
