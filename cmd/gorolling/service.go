@@ -239,8 +239,8 @@ func (d *daemon) takeInherited() (*savedState, int, error) {
 func (d *daemon) forgetStored(name string) {
 	if d.store != nil {
 		_ = d.store.Forget(name)
-	} else if sd := sdnotify.FromEnv(); sd != nil && sdnotify.ValidName(name) == nil {
-		_ = sd.Notify("FDSTOREREMOVE=1\nFDNAME=" + name)
+	} else if sdnotify.ValidName(name) == nil {
+		d.self.Notify("FDSTOREREMOVE=1\nFDNAME=" + name) // a no-op without systemd
 	}
 }
 

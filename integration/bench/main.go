@@ -40,6 +40,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/gorolling/gorolling/master/procfs"
 )
 
 var (
@@ -392,20 +394,15 @@ func fmtList(xs []float64) string {
 }
 
 func rss(pid int) (kib int) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	b, err := procfs.ResidentBytes(pid)
 	check(err)
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kib, _ = strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
-		}
-	}
-	return kib
+	return int(b / 1024)
 }
 
 func fds(pid int) int {
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	n, err := procfs.OpenFDs(pid)
 	check(err)
-	return len(ents)
+	return n
 }
 
 func ms(d float64) string { return fmt.Sprintf("%.2f ms", d) }

@@ -24,7 +24,7 @@ import (
 
 	vm "github.com/VictoriaMetrics/metrics"
 	"github.com/gorolling/gorolling/master/control"
-	"golang.org/x/sys/unix"
+	"github.com/gorolling/gorolling/master/procfs"
 )
 
 // Metrics collects the master's metrics. Its methods are safe for
@@ -165,10 +165,10 @@ func (m *Metrics) Write(w io.Writer) {
 	}
 	g("gorolling_master_upgrades_total", "Master self-upgrades of this service since its first master started.", "counter", float64(st.MasterUpgrades))
 	g("gorolling_master_restarts_total", "Masters of this service that died and whose sockets a new master took back from systemd's fd store.", "counter", float64(st.MasterRestarts))
-	if fds, err := openFDs(); err == nil {
+	if fds, err := procfs.OpenFDs(os.Getpid()); err == nil {
 		g("gorolling_master_open_fds", "Open file descriptors of the master.", "gauge", float64(fds))
 	}
-	if rss, err := residentBytes(); err == nil {
+	if rss, err := procfs.ResidentBytes(os.Getpid()); err == nil {
 		g("gorolling_master_resident_memory_bytes", "Resident memory of the master.", "gauge", float64(rss))
 	}
 	if !at.IsZero() {
@@ -238,22 +238,4 @@ func sortedKeys(m map[string]int) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-func openFDs() (int, error) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	return len(ents), err
-}
-
-func residentBytes() (uint64, error) {
-	b, err := os.ReadFile("/proc/self/statm")
-	if err != nil {
-		return 0, err
-	}
-	f := strings.Fields(string(b))
-	if len(f) < 2 {
-		return 0, fmt.Errorf("/proc/self/statm: %q", b)
-	}
-	pages, err := strconv.ParseUint(f[1], 10, 64)
-	return pages * uint64(unix.Getpagesize()), err
 }

@@ -1,14 +1,18 @@
 // Package procfs reads the few facts about processes that gorolling takes
 // from Linux's /proc: whether a pid runs, its parent and process group, a
-// process's children, and the calling process's umask. It is the one parser of /proc/PID/stat in
-// the module.
+// process's children, its open descriptors and resident memory, and the
+// calling process's umask. It is the one parser of /proc/PID/stat in the
+// module.
 package procfs
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Stat is what /proc/PID/stat says about one process.
@@ -87,4 +91,25 @@ func Children(pid int) []int {
 		}
 	}
 	return out
+}
+
+// OpenFDs returns how many descriptors pid has open.
+func OpenFDs(pid int) (int, error) {
+	ents, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/fd")
+	return len(ents), err
+}
+
+// ResidentBytes returns pid's resident memory (RSS), from
+// /proc/PID/statm.
+func ResidentBytes(pid int) (uint64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/statm")
+	if err != nil {
+		return 0, err
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 2 {
+		return 0, fmt.Errorf("procfs: /proc/%d/statm: %q", pid, b)
+	}
+	pages, err := strconv.ParseUint(f[1], 10, 64)
+	return pages * uint64(unix.Getpagesize()), err
 }

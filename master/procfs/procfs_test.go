@@ -62,3 +62,23 @@ func TestChildren(t *testing.T) {
 		t.Fatalf("sleep has children %v", got)
 	}
 }
+
+// TestOpenFDsAndResident: a descriptor opened shows in the count, and the
+// resident size is that of a running Go program (more than a megabyte).
+func TestOpenFDsAndResident(t *testing.T) {
+	before, err := OpenFDs(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open("/dev/null")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if after, _ := OpenFDs(os.Getpid()); after != before+1 {
+		t.Errorf("%d descriptors after opening one, %d before", after, before)
+	}
+	if rss, err := ResidentBytes(os.Getpid()); err != nil || rss < 1<<20 {
+		t.Errorf("resident %d bytes, %v", rss, err)
+	}
+}
