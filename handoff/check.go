@@ -34,3 +34,51 @@ func CheckListener(fd int, packet bool) error {
 	}
 	return nil
 }
+
+// CheckConn reports whether descriptor fd may be relayed as a connection
+// accepted from a listening socket that is bound to localPort (0 for a
+// unix socket): a connected stream socket of the listener's family, not a
+// listener, whose local port is localPort. A worker that hands over
+// anything else (a file, a pipe, a listening or datagram socket, a
+// connection of another port) gets an error and keeps its descriptor.
+// Errors wrap EPROTOTYPE, EINVAL or ENOTCONN, or the getsockopt error.
+func CheckConn(fd int, unixFamily bool, localPort int) error {
+	typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE)
+	if err != nil {
+		return fmt.Errorf("not a socket: %w", err)
+	}
+	if typ != unix.SOCK_STREAM {
+		return fmt.Errorf("not a stream socket: %w", unix.EPROTOTYPE)
+	}
+	if acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN); err != nil || acc != 0 {
+		return fmt.Errorf("a listening socket, not a connection: %w", unix.EINVAL)
+	}
+	dom, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_DOMAIN)
+	if err != nil {
+		return fmt.Errorf("socket domain: %w", err)
+	}
+	if isUnix := dom == unix.AF_UNIX; isUnix != unixFamily || (!isUnix && dom != unix.AF_INET && dom != unix.AF_INET6) {
+		return fmt.Errorf("a socket of another family than its listener: %w", unix.EPROTOTYPE)
+	}
+	if _, err := unix.Getpeername(fd); err != nil {
+		return fmt.Errorf("not connected: %w", err)
+	}
+	if unixFamily {
+		return nil
+	}
+	sa, err := unix.Getsockname(fd)
+	if err != nil {
+		return fmt.Errorf("local address: %w", err)
+	}
+	port := -1
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		port = a.Port
+	case *unix.SockaddrInet6:
+		port = a.Port
+	}
+	if port != localPort {
+		return fmt.Errorf("a connection to port %d, not to its listener's port %d: %w", port, localPort, unix.EINVAL)
+	}
+	return nil
+}

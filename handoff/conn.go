@@ -174,12 +174,24 @@ func (c *Conn) RefuseDescriptors() error {
 	return RefuseDescriptors(rc)
 }
 
+// AllowDescriptors undoes RefuseDescriptors: the master's end of a worker
+// that may now hand connections over.
+func (c *Conn) AllowDescriptors() error {
+	rc, err := c.uc.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return passRights(rc, 1)
+}
+
 // RefuseDescriptors sets SO_PASSRIGHTS off on the socket rc, if the kernel
 // knows it.
-func RefuseDescriptors(rc syscall.RawConn) error {
+func RefuseDescriptors(rc syscall.RawConn) error { return passRights(rc, 0) }
+
+func passRights(rc syscall.RawConn, on int) error {
 	var serr error
 	if err := rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, soPassRights, 0)
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, soPassRights, on)
 	}); err != nil {
 		return err
 	}

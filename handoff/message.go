@@ -17,7 +17,8 @@ const Version = 1
 const MaxMessageSize = 64 << 10
 
 // MaxFDs is the largest number of descriptors attached to one message.
-// The master attaches at most one (to a listen reply); workers attach none.
+// The master attaches at most one (to a listen reply or a conn); a worker
+// attaches one to a handoff and none to anything else.
 const MaxFDs = 4
 
 // MaxIndex bounds the per-worker listen index (see ListenRequest.Index).
@@ -25,6 +26,23 @@ const MaxIndex = 1023
 
 // MaxAddressLen bounds the address string of a listen request.
 const MaxAddressLen = 4096
+
+// MaxKeyLen bounds the key string of an adopt or handoff message: a key is
+// a network, an address of at most MaxAddressLen bytes and a short suffix.
+const MaxKeyLen = MaxAddressLen + 64
+
+// MaxStateSize bounds the application state that travels with a handed-over
+// connection, and MaxUnreadSize the bytes its sender read but did not
+// process. Both fit one message (base64 grows them by a third).
+const (
+	MaxStateSize  = 16 << 10
+	MaxUnreadSize = 16 << 10
+)
+
+// FeatureConns, in a hello reply's Features, says the master relays
+// connections between workers (adopt, handoff, conn and accept). A worker
+// sends none of those messages to a master that did not say so.
+const FeatureConns = "conns"
 
 // Message types. Requests travel from worker to master and carry a
 // sequence number; the master answers each with a TypeReply naming it.
@@ -41,6 +59,21 @@ const (
 	// TypeDrain tells a worker to stop accepting, finish what it has and
 	// exit within TimeoutMS milliseconds.
 	TypeDrain = "drain"
+
+	// TypeAdopt tells the master that the worker adopts connections handed
+	// over for the socket Key.
+	TypeAdopt = "adopt"
+	// TypeHandoff offers the master a connected socket (one SCM_RIGHTS
+	// descriptor) of the socket Key, with its State and Unread bytes. The
+	// reply comes once a worker of the serving generation has taken it, or
+	// once none did.
+	TypeHandoff = "handoff"
+	// TypeConn brings a worker a handed-over connection (one descriptor),
+	// numbered Conn. The worker must not read or write it before the
+	// master has answered its TypeAccept.
+	TypeConn = "conn"
+	// TypeAccept takes (or, with Refuse, declines) the connection Conn.
+	TypeAccept = "accept"
 )
 
 // Sentinel errors. Decoding errors wrap ErrMalformed; callers test with
@@ -88,6 +121,30 @@ type Message struct {
 
 	// TimeoutMS is the drain deadline, in milliseconds from receipt.
 	TimeoutMS int64 `json:"timeout_ms,omitempty"`
+
+	// Conns, in a hello, says the worker may hand connections over when it
+	// drains. Features, in the reply to a hello, lists what the master
+	// supports (FeatureConns).
+	Conns    bool     `json:"conns,omitempty"`
+	Features []string `json:"features,omitempty"`
+
+	// Key names a socket of the master: a listen reply gives it, and adopt,
+	// handoff and conn messages refer to it.
+	Key string `json:"key,omitempty"`
+	// Conn numbers a connection the master relays (conn, accept).
+	Conn uint64 `json:"conn,omitempty"`
+	// State is the application's opaque state of a handed-over connection,
+	// at most MaxStateSize bytes; Unread are the bytes its sender read from
+	// the socket but did not process, at most MaxUnreadSize bytes. The
+	// adopter processes Unread before anything it reads from the socket.
+	// In JSON both are standard base64.
+	State  []byte `json:"state,omitempty"`
+	Unread []byte `json:"unread,omitempty"`
+	// Refuse, in an accept, declines the connection.
+	Refuse bool `json:"refuse,omitempty"`
+	// AdoptedBy, in the reply to a handoff, is the id of the worker that
+	// took the connection.
+	AdoptedBy int `json:"adopted_by,omitempty"`
 }
 
 // ListenRequest asks for one socket. Either Address or FD names it.
@@ -112,7 +169,11 @@ type ListenRequest struct {
 
 // IsRequest reports whether t is a worker-to-master request type.
 func IsRequest(t string) bool {
-	return t == TypeHello || t == TypeListen || t == TypeReady
+	switch t {
+	case TypeHello, TypeListen, TypeReady, TypeAdopt, TypeHandoff, TypeAccept:
+		return true
+	}
+	return false
 }
 
 // Validate checks that m is a well-formed message of a known type. It does
@@ -139,6 +200,24 @@ func (m *Message) Validate() error {
 		if err := m.Listen.validate(); err != nil {
 			return err
 		}
+	case TypeAdopt, TypeHandoff:
+		if m.Seq == 0 {
+			return fmt.Errorf("%w: %s without seq", ErrMalformed, m.Type)
+		}
+		if err := m.checkConnFields(); err != nil {
+			return err
+		}
+	case TypeAccept:
+		if m.Seq == 0 || m.Conn == 0 {
+			return fmt.Errorf("%w: accept without seq or conn", ErrMalformed)
+		}
+	case TypeConn:
+		if m.Conn == 0 {
+			return fmt.Errorf("%w: conn without a number", ErrMalformed)
+		}
+		if err := m.checkConnFields(); err != nil {
+			return err
+		}
 	case TypeReply:
 		if m.ReplyTo == 0 {
 			return fmt.Errorf("%w: reply without reply_to", ErrMalformed)
@@ -149,6 +228,21 @@ func (m *Message) Validate() error {
 		}
 	default:
 		return fmt.Errorf("%w: unknown type %q", ErrMalformed, m.Type)
+	}
+	return nil
+}
+
+// checkConnFields checks the key, state and unread bytes of an adopt,
+// handoff or conn message.
+func (m *Message) checkConnFields() error {
+	if m.Key == "" || len(m.Key) > MaxKeyLen {
+		return fmt.Errorf("%w: %s needs a key of 1 to %d bytes", ErrMalformed, m.Type, MaxKeyLen)
+	}
+	if len(m.State) > MaxStateSize {
+		return fmt.Errorf("%w: state of %d bytes, at most %d", ErrMalformed, len(m.State), MaxStateSize)
+	}
+	if len(m.Unread) > MaxUnreadSize {
+		return fmt.Errorf("%w: %d unread bytes, at most %d", ErrMalformed, len(m.Unread), MaxUnreadSize)
 	}
 	return nil
 }

@@ -98,15 +98,20 @@ type Master struct {
 	runDir    string
 	ownRunDir bool
 
-	mu       sync.Mutex
-	changed  chan struct{} // closed and replaced at every state change
-	gens     []*Generation // live generations, oldest first
-	serving  *Generation
-	lastGen  int
-	nextID   int
-	workers  int
-	stopping bool
-	stopped  chan struct{}
+	mu      sync.Mutex
+	changed chan struct{} // closed and replaced at every state change
+	gens    []*Generation // live generations, oldest first
+	serving *Generation
+	lastGen int
+	nextID  int
+
+	relays          map[uint64]*relay // connection offers in flight, by number
+	nextConn        uint64
+	connsHandedOver int64 // connections a worker took from another
+	connsReturned   int64 // connections no worker took: back to their sender
+	workers         int
+	stopping        bool
+	stopped         chan struct{}
 }
 
 // errNoProgram is returned by New when Config.Program is empty.
@@ -163,6 +168,7 @@ func New(cfg Config) (*Master, error) {
 		nextID:  cfg.LastWorkerID,
 		workers: cfg.Workers,
 		stopped: make(chan struct{}),
+		relays:  make(map[uint64]*relay),
 	}
 	if err := m.makeRunDir(); err != nil {
 		return nil, err

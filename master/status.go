@@ -13,6 +13,7 @@ func (m *Master) FillStatus(st *control.Status) {
 	now := m.cfg.clock.now()
 	m.mu.Lock()
 	st.Workers = m.workers
+	st.ConnsHandedOver, st.ConnsReturned = m.connsHandedOver, m.connsReturned
 	st.Generation = 0
 	if m.serving != nil {
 		st.Generation = m.serving.Num

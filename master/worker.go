@@ -91,6 +91,14 @@ type child struct {
 	statusAt time.Time       // when a STATUS= was last logged at info level
 	logged   map[string]bool // warnings already logged once for this worker
 	output   [2]*os.File     // the relay's read ends (Config.Output), or nil
+
+	// Connection relay (relay.go).
+	conns   bool               // said in its hello that it may hand connections over
+	socks   map[string]sockRef // the sockets it got, by the key string of the listen reply
+	adopts  map[string]bool    // the keys it adopts connections for
+	adopted int                // connections it took
+	pending int                // connections offered to it and not decided yet
+	offers  chan struct{}      // its offers in flight (capacity maxOffers)
 }
 
 // spawn starts one worker in slot s of g and makes it the slot's worker
@@ -159,6 +167,9 @@ func (m *Master) spawn(g *Generation, s *slot) (*child, error) {
 		done:   make(chan struct{}),
 		keys:   make(map[handoff.Key]struct{}),
 		logged: make(map[string]bool),
+		socks:  make(map[string]sockRef),
+		adopts: make(map[string]bool),
+		offers: make(chan struct{}, maxOffers),
 	}
 	w.spawnedAt = m.cfg.clock.now()
 	stdout, stderr, relayed, err := m.outputPipes()
@@ -265,6 +276,11 @@ func (m *Master) drainLocked(w *child) {
 	}
 	w.state = workerDraining
 	w.log.Info("worker draining")
+	if w.conns {
+		// From now on it may hand its connections over: let the kernel
+		// pass its descriptors (refused until now where the kernel can).
+		_ = w.conn.AllowDescriptors()
+	}
 	go func() {
 		err := w.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeDrain, TimeoutMS: m.cfg.DrainTimeout.Milliseconds()})
 		if err != nil {
@@ -314,20 +330,31 @@ func (w *child) serve() {
 			w.violation(err.Error())
 			return
 		}
-		if len(fds) > 0 {
+		if len(fds) > 0 && !(msg.Type == handoff.TypeHandoff && len(fds) == 1) {
 			handoff.Discard(fds)
-			w.violation(fmt.Sprintf("sent %d file descriptors", len(fds)))
+			w.violation(fmt.Sprintf("sent %d file descriptors with a %q message", len(fds), msg.Type))
 			return
 		}
-		if d := lim.Reserve().Delay(); d > 0 {
-			w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", events.Key, events.WorkerThrottled, "channel", "handoff", "rate_per_second", requestRate)
-			time.Sleep(d)
+		if msg.Type == handoff.TypeHandoff && len(fds) != 1 {
+			w.violation("sent a handoff without a descriptor")
+			return
+		}
+		// Offers and accepts are bounded by the relay's window and by the
+		// connections offered to this worker, not by the request rate: a
+		// drain hands every connection over at once.
+		if msg.Type != handoff.TypeHandoff && msg.Type != handoff.TypeAccept {
+			if d := lim.Reserve().Delay(); d > 0 {
+				w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", events.Key, events.WorkerThrottled, "channel", "handoff", "rate_per_second", requestRate)
+				time.Sleep(d)
+			}
 		}
 		if !handoff.IsRequest(msg.Type) {
+			handoff.Discard(fds)
 			w.violation(fmt.Sprintf("sent a %q message, which only the master sends", msg.Type))
 			return
 		}
 		if msg.Seq <= lastSeq {
+			handoff.Discard(fds)
 			w.violation(fmt.Sprintf("sequence number %d after %d", msg.Seq, lastSeq))
 			return
 		}
@@ -341,10 +368,24 @@ func (w *child) serve() {
 				return
 			}
 			helloSeen = true
+			w.m.mu.Lock()
+			w.conns = msg.Conns
+			w.m.mu.Unlock()
+			reply.Features = []string{handoff.FeatureConns}
 		case handoff.TypeListen:
 			sendFD = w.listen(msg.Listen, reply)
 		case handoff.TypeReady:
 			w.m.workerReady(w, "handoff")
+		case handoff.TypeAdopt:
+			w.adopt(msg.Key, reply)
+		case handoff.TypeHandoff:
+			w.offer(msg, fds[0]) // replies when the relay is decided
+			continue
+		case handoff.TypeAccept:
+			if !w.accept(msg, reply) {
+				w.violation(fmt.Sprintf("accepted connection %d, which was not offered to it", msg.Conn))
+				return
+			}
 		}
 		var serr error
 		if sendFD >= 0 {
@@ -421,7 +462,10 @@ func (w *child) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 		}
 		return -1
 	}
-	reply.Network, reply.Address = s.Network, s.Addr
+	reply.Network, reply.Address, reply.Key = s.Network, s.Addr, k.String()
+	w.m.mu.Lock()
+	w.socks[reply.Key] = newSockRef(k, s.Network, s.Addr)
+	w.m.mu.Unlock()
 	w.log.Debug("listener handed over", events.Key, events.ListenerHandedOver, "key", s.Key.String(), "addr", s.Addr)
 	return fd
 }

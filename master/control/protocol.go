@@ -94,11 +94,16 @@ type Status struct {
 	MasterRestarts int `json:"master_restarts"`
 	// FDStore is how many sockets systemd's fd store holds for the
 	// service, as far as the master knows; -1 when it keeps none.
-	FDStore     int    `json:"fd_store"`
-	Workers     int    `json:"workers"`
-	Generation  int    `json:"generation"` // the serving one, 0 if none
-	Upgrade     string `json:"upgrade"`    // what an upgrade in progress is doing, or ""
-	ControlPath string `json:"control"`
+	FDStore    int `json:"fd_store"`
+	Workers    int `json:"workers"`
+	Generation int `json:"generation"` // the serving one, 0 if none
+	// ConnsHandedOver counts the connections this master relayed from a
+	// draining worker to one that took them; ConnsReturned those no
+	// worker took, which their sender finished itself.
+	ConnsHandedOver int64  `json:"conns_handed_over"`
+	ConnsReturned   int64  `json:"conns_returned"`
+	Upgrade         string `json:"upgrade"` // what an upgrade in progress is doing, or ""
+	ControlPath     string `json:"control"`
 	// MasterUpgradeFailure is the last master upgrade that failed, if the
 	// master has not been replaced since.
 	MasterUpgradeFailure *MasterUpgradeFailure `json:"master_upgrade_failure,omitempty"`

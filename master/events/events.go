@@ -41,6 +41,7 @@ const (
 	WatchdogEnabled     = "watchdog.enabled"      // timeout
 	MetricsServing      = "metrics.serving"       // addr: --metrics listens there
 	OrphanReaped        = "orphan.reaped"         // pid, status (as pid 1, debug level)
+	ConnHandedOver      = "conn.handed_over"      // key, to_worker_id (debug level)
 )
 
 // Upgrades.
