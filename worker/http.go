@@ -10,11 +10,12 @@ import (
 	"time"
 )
 
-// DefaultGrace is how long ServeHTTP keeps answering on open keep-alive
-// connections (each answer with "Connection: close") before it shuts the
-// server down. It should exceed the usual gap between two requests of one
-// client; a connection that stays idle for the whole grace period can
-// still race with its close, which HTTP/1.1 cannot prevent.
+// DefaultGrace is how long a draining ServeHTTP keeps answering, each
+// answer with "Connection: close", on keep-alive connections that it could
+// not hand over (see ServeHTTP) before it shuts the server down. It should
+// exceed the usual gap between two requests of one client; a connection
+// that stays idle for the whole grace period can still race with its
+// close, which HTTP/1.1 cannot prevent.
 const DefaultGrace = 2 * time.Second
 
 // HTTPOptions tune ServeHTTPWith. The zero value is the default.
@@ -29,31 +30,52 @@ type HTTPOptions struct {
 	// program handles SIGTERM and SIGINT itself (and should start its own
 	// drain on them: the master sends SIGTERM after the drain message).
 	OwnSignals bool
+	// NoHandoff keeps every connection in this worker when it drains:
+	// "Connection: close" on each answer for the grace period, then
+	// Shutdown. Connections handed over from older workers are still
+	// adopted.
+	NoHandoff bool
 }
 
 // ServeHTTP serves srv on every listener, tells the master the worker is
-// ready, and when draining begins drains without failing a client:
+// ready, and when draining begins drains without failing a client.
+//
+// Under a gorolling master, a worker's HTTP/1.1 connections move to the
+// next generation instead of being closed:
 //
 //  1. it closes its own copies of the listeners (the master's copies keep
 //     the sockets and their queues; the next generation accepts from them);
-//  2. from then on every response carries "Connection: close", so a client
-//     that sends on a kept-alive connection gets its answer and reconnects;
-//  3. it waits the grace period, or until every connection has closed;
-//  4. only then it calls srv.Shutdown with the drain deadline, and returns
-//     when that is done.
+//  2. every connection that waits for its next request is handed over at
+//     once (see HandOff), and every other one as soon as its response is
+//     written: no "Connection: close", no grace period. Requests it has
+//     read already, it answers itself;
+//  3. it returns when the last connection is gone, so the drain lasts as
+//     long as the longest request in flight.
+//
+// The worker that takes a connection serves it with its own srv: its
+// handler, timeouts and ConnState. ServeHTTP adopts connections for every
+// listener the master gave (see Adopt), from the start.
+//
+// A connection that cannot be handed over (no worker of the serving
+// generation adopts it, HTTPOptions.NoHandoff, TLS, or outside gorolling)
+// is drained the old way: every further response on it carries
+// "Connection: close", so a client that sends on it gets its answer and
+// reconnects, until the grace period ends or every such connection has
+// closed; then srv.Shutdown with the drain deadline.
 //
 // Hijacked connections (WebSockets) are not waited for: http.Server's
 // Shutdown does not track them; register their own shutdown with
-// srv.RegisterOnShutdown. HTTP/2 connections get a GOAWAY from Shutdown.
+// srv.RegisterOnShutdown, or hand them over with HandOff. HTTP/2
+// connections get a GOAWAY from Shutdown.
 //
 // It returns nil after a drain, the first error a listener's Serve
 // returns, or the error of srv.Shutdown if the connections outlived the
 // drain deadline (the server is then closed). If srv.TLSConfig has
 // certificates it serves TLS. ServeHTTP installs a wrapper around
-// srv.Handler and srv.ConnState (both keep working) and must not be called
-// twice with the same server. It calls HandleSignals (see
-// HTTPOptions.OwnSignals), so outside gorolling it serves until SIGTERM or
-// SIGINT, then drains the same way.
+// srv.Handler, srv.ConnState and srv.ConnContext (all keep working) and
+// must not be called twice with the same server. It calls HandleSignals
+// (see HTTPOptions.OwnSignals), so outside gorolling it serves until
+// SIGTERM or SIGINT, then drains the same way.
 func ServeHTTP(srv *http.Server, ls ...net.Listener) error {
 	return std.serveHTTP(srv, HTTPOptions{}, ls...)
 }
@@ -62,6 +84,9 @@ func ServeHTTP(srv *http.Server, ls ...net.Listener) error {
 func ServeHTTPWith(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error {
 	return std.serveHTTP(srv, opt, ls...)
 }
+
+// connCtxKey carries a request's connection in its context.
+type connCtxKey struct{}
 
 func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) error {
 	if len(ls) == 0 {
@@ -75,6 +100,29 @@ func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) 
 		p.handleSignals()
 	}
 	drainCh := p.draining()
+	tls := srv.TLSConfig != nil && (len(srv.TLSConfig.Certificates) > 0 || srv.TLSConfig.GetCertificate != nil)
+
+	// Every listener the master gave gets a companion that yields the
+	// connections older workers hand over; both wrap their connections so
+	// that they can be handed over in turn.
+	var hs []*httpHandoff
+	fellBackC := make(chan struct{}, 1) // a hand-off failed (shared by all hs)
+	serveLs := make([]net.Listener, 0, 2*len(ls))
+	cl, relays := p.relays()
+	for _, l := range ls {
+		if relays && !tls {
+			if key, ok := cl.keyFor(l.Addr()); ok {
+				if a, err := p.adopt(l); err == nil {
+					h := &httpHandoff{p: p, key: key, fellBackC: fellBackC}
+					h.enabled = !opt.NoHandoff
+					hs = append(hs, h)
+					serveLs = append(serveLs, handoffListener{l, h}, handoffListener{a, h})
+					continue
+				}
+			}
+		}
+		serveLs = append(serveLs, l)
+	}
 
 	var draining atomic.Bool
 	h := srv.Handler
@@ -83,22 +131,36 @@ func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) 
 	}
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if draining.Load() {
-			w.Header().Set("Connection", "close")
+			hc, ok := r.Context().Value(connCtxKey{}).(*httpConn)
+			if !ok || !hc.h.enabled || hc.fellBack() {
+				w.Header().Set("Connection", "close")
+			}
 		}
 		h.ServeHTTP(w, r)
 	})
+	prevCtx := srv.ConnContext
+	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		if prevCtx != nil {
+			ctx = prevCtx(ctx, c)
+		}
+		return context.WithValue(ctx, connCtxKey{}, c)
+	}
 	var mu sync.Mutex
-	open := 0
+	conns := make(map[net.Conn]struct{})
 	allClosed := make(chan struct{}, 1)
 	prevState := srv.ConnState
 	srv.ConnState = func(c net.Conn, s http.ConnState) {
 		mu.Lock()
 		switch s {
 		case http.StateNew:
-			open++
+			conns[c] = struct{}{}
+		case http.StateIdle:
+			if hc, ok := c.(*httpConn); ok {
+				hc.setIdle() // before net/http's read of the next request
+			}
 		case http.StateClosed, http.StateHijacked:
-			open--
-			if open == 0 {
+			delete(conns, c)
+			if len(conns) == 0 {
 				select {
 				case allClosed <- struct{}{}:
 				default:
@@ -111,9 +173,8 @@ func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) 
 		}
 	}
 
-	errs := make(chan error, len(ls))
-	tls := srv.TLSConfig != nil && (len(srv.TLSConfig.Certificates) > 0 || srv.TLSConfig.GetCertificate != nil)
-	for _, l := range ls {
+	errs := make(chan error, len(serveLs))
+	for _, l := range serveLs {
 		go func() {
 			var err error
 			if tls {
@@ -130,11 +191,11 @@ func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) 
 		_ = p.ready()
 	}
 
-	running := len(ls)
+	running := len(serveLs)
 	select {
 	case err := <-errs:
 		running--
-		for _, l := range ls {
+		for _, l := range serveLs {
 			l.Close()
 		}
 		for ; running > 0; running-- {
@@ -150,36 +211,73 @@ func (p *proc) serveHTTP(srv *http.Server, opt HTTPOptions, ls ...net.Listener) 
 	// tracked by the server only once its loop has moved on, and Shutdown
 	// must not miss it (the kernel would reset it when we exit).
 	draining.Store(true)
-	for _, l := range ls {
+	handingOver := false
+	for _, h := range hs {
+		if h.enabled {
+			h.draining.Store(true)
+			handingOver = true
+		}
+	}
+	for _, l := range serveLs {
 		l.Close()
 	}
 	for ; running > 0; running-- {
 		<-errs
 	}
+	// 2. Hand over every connection that waits for a request now; the
+	// others go when they next wait.
+	if handingOver {
+		mu.Lock()
+		for c := range conns {
+			if hc, ok := c.(*httpConn); ok {
+				hc.startDrain()
+			}
+		}
+		mu.Unlock()
+	}
 	deadline := p.drainDeadline()
 	if limit := time.Until(deadline) / 2; grace > limit {
 		grace = limit
 	}
-	// 2-3. Answer with Connection: close until clients have left or the
-	// grace period ends.
-	t := time.NewTimer(grace)
+	margin := min(time.Until(deadline)/10, time.Second)
+	// 3. Wait until every connection has gone: handed over, or closed by
+	// its client. Connections kept the old way get the grace period: from
+	// the drain's start without hand-off, from the first failed hand-off
+	// with it.
+	var graceC <-chan time.Time
+	if !handingOver {
+		t := time.NewTimer(grace)
+		defer t.Stop()
+		graceC = t.C
+	}
+	end := time.NewTimer(time.Until(deadline.Add(-margin)))
+	defer end.Stop()
+	var fellBack <-chan struct{}
+	if handingOver {
+		fellBack = fellBackC
+	}
 	for waiting := true; waiting; {
 		mu.Lock()
-		n := open
+		n := len(conns)
 		mu.Unlock()
-		if n <= 0 {
+		if n == 0 {
 			break
 		}
 		select {
-		case <-t.C:
+		case <-graceC:
+			waiting = false
+		case <-fellBack:
+			fellBack = nil
+			t := time.NewTimer(grace)
+			defer t.Stop()
+			graceC = t.C
+		case <-end.C:
 			waiting = false
 		case <-allClosed:
 		}
 	}
-	t.Stop()
 	// 4. Shut down with what is left of the drain deadline, keeping a
 	// margin so the master need not kill us.
-	margin := min(time.Until(deadline)/10, time.Second)
 	ctx, cancel := context.WithDeadline(context.Background(), deadline.Add(-margin))
 	defer cancel()
 	if err := srv.Shutdown(ctx); err != nil {

@@ -282,7 +282,11 @@ func (c *client) ask(ctx context.Context, req *handoff.ListenRequest) (any, erro
 		closeFDs(r.fds)
 		return nil, &ListenError{Errno: syscall.EPROTO, Msg: fmt.Sprintf("the master replied with %d descriptors, want 1", len(r.fds))}
 	}
-	return wrapFD(r.fds[0], req.Packet, "gorolling:"+r.msg.Network+":"+r.msg.Address)
+	x, err := wrapFD(r.fds[0], req.Packet, "gorolling:"+r.msg.Network+":"+r.msg.Address)
+	if err == nil && !req.Packet && r.msg.Key != "" {
+		c.remember(r.msg.Key, x.(net.Listener).Addr())
+	}
+	return x, err
 }
 
 // wrapFD turns a socket descriptor into a listener or packet conn. It

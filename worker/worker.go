@@ -112,11 +112,16 @@ type client struct {
 	p    *proc
 	conn *handoff.Conn
 
+	sendMu  sync.Mutex // orders sends, so that sequence numbers arrive in order
 	mu      sync.Mutex
 	seq     uint64
 	pending map[uint64]chan response
 	broken  bool
 	held    map[handoff.Key][]any // per index key, by index: open listeners
+
+	conns    bool                     // the master relays connections (its hello reply said so)
+	socks    []heldSock               // every socket the master gave, for finding a connection's key
+	adopters map[string]*adoptListener // by key: where handed-over connections go
 }
 
 type response struct {
@@ -143,11 +148,21 @@ func (p *proc) connect() (*client, error) {
 			p.connErr = fmt.Errorf("gorolling: handoff channel on fd %d: %w", p.chanFD, err)
 			return
 		}
-		c := &client{p: p, conn: conn, pending: make(map[uint64]chan response), held: make(map[handoff.Key][]any)}
+		c := &client{p: p, conn: conn, pending: make(map[uint64]chan response), held: make(map[handoff.Key][]any), adopters: make(map[string]*adoptListener)}
 		go c.readLoop()
 		p.c = c
-		if _, err := c.request(context.Background(), &handoff.Message{Type: handoff.TypeHello, PID: os.Getpid()}); err != nil {
+		r, err := c.request(context.Background(), &handoff.Message{Type: handoff.TypeHello, PID: os.Getpid(), Conns: true})
+		if err != nil {
 			p.connErr = err
+			return
+		}
+		closeFDs(r.fds)
+		for _, f := range r.msg.Features {
+			if f == handoff.FeatureConns {
+				c.mu.Lock()
+				c.conns = true
+				c.mu.Unlock()
+			}
 		}
 	})
 	return p.c, p.connErr
@@ -180,6 +195,11 @@ func (c *client) readLoop() {
 			}
 		case handoff.TypeDrain:
 			c.p.startDrain(time.Duration(msg.TimeoutMS) * time.Millisecond)
+		case handoff.TypeConn:
+			if len(fds) == 1 {
+				go c.deliver(msg, fds[0])
+				continue
+			}
 		}
 		closeFDs(fds)
 	}
@@ -191,25 +211,29 @@ func closeFDs(fds []int) {
 	}
 }
 
-// request sends m as the next request and waits for its reply.
-func (c *client) request(ctx context.Context, m *handoff.Message) (response, error) {
+// request sends m, with fds attached, as the next request and waits for
+// its reply. The caller keeps its fds.
+func (c *client) request(ctx context.Context, m *handoff.Message, fds ...int) (response, error) {
 	ch := make(chan response, 1)
+	// sendMu, not mu, is held while sending: a send that waits for the
+	// master must not keep readLoop from delivering replies.
+	c.sendMu.Lock()
 	c.mu.Lock()
 	if c.broken {
 		c.mu.Unlock()
+		c.sendMu.Unlock()
 		return response{}, errMasterGone
 	}
 	c.seq++
 	m.V, m.Seq = handoff.Version, c.seq
 	c.pending[m.Seq] = ch
-	// Send under the lock so that sequence numbers reach the master in
-	// order.
-	err := c.conn.Send(m)
-	if err != nil {
-		delete(c.pending, m.Seq)
-	}
 	c.mu.Unlock()
+	err := c.conn.Send(m, fds...)
+	c.sendMu.Unlock()
 	if err != nil {
+		c.mu.Lock()
+		delete(c.pending, m.Seq)
+		c.mu.Unlock()
 		return response{}, err
 	}
 	select {

@@ -1,7 +1,13 @@
 // Command example-server is a small HTTP server built on the gorolling
 // worker package, for the README tour, the integration tests and the
 // benchmark. Every response names the process that served it in the
-// headers X-Pid, X-Slot and X-Generation.
+// headers X-Pid, X-Slot and X-Generation, and X-Peer names the client's
+// address as the server saw it (one value per TCP connection).
+//
+// Under a gorolling master its keep-alive connections move to the next
+// generation when it drains (-no-handoff: the old drain, which closes
+// them). -request-log appends one line per request: the X-Request-Id
+// header, the pid and the generation that answered.
 //
 // Under "gorolling exec" it shares its listener with the other workers and
 // drains without client errors; run directly it is a plain HTTP server
@@ -32,6 +38,8 @@ func main() {
 	grace := flag.Duration("grace", 0, "keep-alive grace period while draining (default: worker.DefaultGrace)")
 	reuseport := flag.Bool("reuseport", false, "standalone only: bind with SO_REUSEPORT so several copies share the port")
 	printReady := flag.Bool("print-ready", false, "print \"ready PID\" on stdout once ready (for benchmarks)")
+	noHandoff := flag.Bool("no-handoff", false, "when draining, close keep-alive connections (Connection: close, then a grace period) instead of handing them to the next generation")
+	requestLog := flag.String("request-log", "", "append \"REQUEST-ID PID GENERATION\" to this file for every request with an X-Request-Id header")
 	flag.Parse()
 
 	if *crash {
@@ -57,6 +65,14 @@ func main() {
 		log.Fatalf("example-server: %v", err)
 	}
 
+	var reqLog *os.File
+	if *requestLog != "" {
+		// O_APPEND: every worker of every generation appends whole lines.
+		reqLog, err = os.OpenFile(*requestLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+		if err != nil {
+			log.Fatalf("example-server: %v", err)
+		}
+	}
 	pid := strconv.Itoa(os.Getpid())
 	slot := strconv.Itoa(worker.Slot())
 	gen := strconv.Itoa(worker.Generation())
@@ -71,12 +87,16 @@ func main() {
 		h.Set("X-Pid", pid)
 		h.Set("X-Slot", slot)
 		h.Set("X-Generation", gen)
+		h.Set("X-Peer", r.RemoteAddr)
+		if id := r.Header.Get("X-Request-Id"); id != "" && reqLog != nil {
+			fmt.Fprintf(reqLog, "%s %s %s\n", strconv.Quote(id), pid, gen)
+		}
 		h.Set("Content-Type", "text/plain; charset=utf-8")
 		fmt.Fprintf(w, "hello from pid %s, slot %s, generation %s (read %d bytes)\n", pid, slot, gen, n)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
-	if *readyDelay == 0 && *grace == 0 && !*neverReady && !*printReady {
+	if *readyDelay == 0 && *grace == 0 && !*neverReady && !*printReady && !*noHandoff {
 		// The usual case: ServeHTTP says ready once it serves.
 		if err := worker.ServeHTTP(srv, l); err != nil {
 			log.Fatalf("example-server: serve: %v", err)
@@ -86,7 +106,7 @@ func main() {
 	if *readyDelay > 0 {
 		time.Sleep(*readyDelay)
 	}
-	opts := worker.HTTPOptions{Grace: *grace, NoReady: true}
+	opts := worker.HTTPOptions{Grace: *grace, NoReady: true, NoHandoff: *noHandoff}
 	if !*neverReady {
 		if err := worker.Ready(); err != nil {
 			log.Printf("example-server: ready: %v", err)
