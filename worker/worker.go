@@ -119,8 +119,8 @@ type client struct {
 	broken  bool
 	held    map[handoff.Key][]any // per index key, by index: open listeners
 
-	conns    bool                     // the master relays connections (its hello reply said so)
-	socks    []heldSock               // every socket the master gave, for finding a connection's key
+	conns    bool                      // the master relays connections (its hello reply said so)
+	socks    []heldSock                // every socket the master gave, for finding a connection's key
 	adopters map[string]*adoptListener // by key: where handed-over connections go
 }
 
