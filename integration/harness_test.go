@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 	bin = dir
 	os.Chmod(dir, 0o755) // other users (nobody) run the binaries in some tests
 	args := append([]string{"build", "-o", dir + "/"}, buildFlags...)
-	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker", "./fakesystemd")...)
+	build := exec.Command("go", append(args, "../cmd/gorolling", "../cmd/example-server", "./testworker", "./fakesystemd", "./examples/chat")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	err = build.Run()
 	if err == nil {

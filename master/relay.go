@@ -31,8 +31,8 @@ const (
 	// relayTimeout bounds an offer from receipt to reply, and
 	// acceptTimeout the wait for one adopter's accept: past either, the
 	// master tries the next adopter or gives the connection back.
-	relayTimeout  = 2 * time.Second
-	acceptTimeout = time.Second
+	relayTimeout  = time.Second
+	acceptTimeout = 500 * time.Millisecond
 	// maxOffers bounds the offers of one worker in flight at once; the
 	// master reads no further request from that worker until one ends.
 	maxOffers = 64

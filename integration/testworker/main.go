@@ -45,6 +45,9 @@
 //	cwd                     report the working directory in "addr"
 //	blockall                switch every listener's shared socket to
 //	                        blocking mode (as a careless program would)
+//	rawadopter MODE NET ADDR, hostile NET ADDR
+//	                        speak the protocol by hand (see raw.go); they
+//	                        never return
 //
 // At start it reports the descriptors it inherited (op "fds"), leaving
 // out the cgroup files the Go runtime opens before main. A worker without
@@ -326,6 +329,10 @@ func main() {
 			} else {
 				c.Close()
 			}
+		case "rawadopter":
+			rawAdopter(args[0], args[1], args[2])
+		case "hostile":
+			hostile(args[0], args[1])
 		case "closeall":
 			for _, l := range listeners {
 				l.Close()
