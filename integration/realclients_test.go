@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"os/exec"
@@ -240,4 +241,138 @@ backend be
 
 	t.Logf("HAProxy's log: %d requests, %d with a 5xx or an error", n, bad)
 	stopMaster(t, p)
+}
+
+// TestNginxKeepalivePool puts a real nginx in front with an upstream
+// keep-alive pool (HTTP/1.1, keepalive 32, no retries) and sends POSTs
+// with idle gaps through 20 HUPs. The hand-off keeps every pooled
+// connection open: nginx answers no 5xx, logs no upstream error, and opens
+// no upstream connection after the first generation (every request
+// arrives from a client port the first generation saw).
+func TestNginxKeepalivePool(t *testing.T) {
+	nginx := requireTool(t, "nginx")
+	p, backend := exampleMaster(t, 2)
+	front := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	dir := t.TempDir()
+	cfg := fmt.Sprintf(`daemon off;
+master_process off;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log warn;
+events { worker_connections 1024; }
+http {
+    client_body_temp_path %[1]s/body;
+    proxy_temp_path %[1]s/proxy;
+    log_format st '$status $upstream_status $upstream_addr';
+    access_log %[1]s/access.log st;
+    upstream app {
+        server %[2]s max_fails=0;
+        keepalive 32;
+        keepalive_requests 1000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen %[3]s;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_next_upstream off;
+        }
+    }
+}
+`, dir, backend, front)
+	conf := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(conf, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	startProcess(t, nginx, "-p", dir, "-c", conf)
+	waitHTTP(t, front, 10*time.Second)
+
+	const clients = 16
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}, Timeout: 10 * time.Second}
+	var mu sync.Mutex
+	peers := map[string]int{} // upstream client address -> first generation it was seen in
+	var failures []string
+	ok, late := 0, 0
+	post := func(path string) {
+		resp, err := client.Post("http://"+front+path, "text/plain", strings.NewReader("hello"))
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil {
+			failures = append(failures, err.Error())
+			return
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			failures = append(failures, resp.Status)
+			return
+		}
+		ok++
+		gen, _ := strconv.Atoi(resp.Header.Get("X-Generation"))
+		peer := resp.Header.Get("X-Peer")
+		if _, seen := peers[peer]; !seen {
+			peers[peer] = gen
+			if gen > 1 {
+				late++
+			}
+		}
+	}
+	// Warm the pool: as many requests in flight at once as there will
+	// ever be, so nginx opens every upstream connection it needs now.
+	var wg sync.WaitGroup
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); post("/?sleep=300ms") }()
+	}
+	wg.Wait()
+	stop := make(chan struct{})
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-time.After(time.Duration(50+rand.IntN(450)) * time.Millisecond):
+				}
+				post("/")
+			}
+		}()
+	}
+	for i := 0; i < 20; i++ {
+		time.Sleep(300 * time.Millisecond)
+		p.upgrade(60 * time.Second)
+	}
+	time.Sleep(600 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+
+	access, _ := os.ReadFile(filepath.Join(dir, "access.log"))
+	errLog, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+	fivexx := 0
+	for _, line := range strings.Split(strings.TrimSpace(string(access)), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "5") {
+			fivexx++
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	t.Logf("%d POSTs through nginx, %d failed, %d 5xx in its log; %d upstream connections, %d opened after generation 1; master: %d handed over", ok, len(failures), fivexx, len(peers), late, masterStatus(t, p).ConnsHandedOver)
+	for i, f := range failures {
+		if i < 10 {
+			t.Errorf("failed: %s", f)
+		}
+	}
+	if len(failures) > 0 || fivexx > 0 {
+		t.Fatalf("%d requests failed, %d 5xx", len(failures), fivexx)
+	}
+	if strings.Contains(string(errLog), "upstream") || strings.Contains(string(errLog), "[error]") {
+		t.Fatalf("nginx logged errors:\n%s", errLog)
+	}
+	if late > 0 {
+		t.Fatalf("nginx opened %d upstream connections after the first generation; the pool should have moved with the hand-off", late)
+	}
 }
