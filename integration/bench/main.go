@@ -9,6 +9,13 @@
 //     overhead (the difference);
 //   - the master's RSS and descriptor count after start and after many
 //     upgrades;
+//   - how evenly workers share the load: Jain's fairness index of the
+//     requests each worker answered, over 1-s windows;
+//   - with -only handoff, what an upgrade costs keep-alive clients with
+//     the connection hand-off and with the old drain (-no-handoff), side by
+//     side: failures, connections the server closed, HUP until the old
+//     generation is gone, and the master's CPU per handed-over
+//     connection;
 //   - with -only crash, what a master killed with SIGKILL costs under a
 //     service manager with an fd store (integration/fakesystemd): failed
 //     requests, the time until a new master is ready, request latency.
@@ -27,6 +34,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -51,7 +59,8 @@ var (
 	rounds   = flag.Int("rounds", 3, "throughput runs per mode (alternating; the median is reported)")
 	upgrades = flag.Int("upgrades", 100, "upgrades for the timing and memory measurement")
 	starts   = flag.Int("starts", 20, "standalone start-time samples")
-	only     = flag.String("only", "", "run only this part: throughput, upgrades, master or crash")
+	only     = flag.String("only", "", "run only this part: throughput, upgrades, master, crash or handoff")
+	hups     = flag.Int("hups", 20, "upgrades per run for -only handoff")
 	kills    = flag.Int("kills", 10, "master kills for -only crash")
 )
 
@@ -72,6 +81,7 @@ func main() {
 
 	if *only == "" || *only == "throughput" {
 		throughput()
+		fairness()
 	}
 	switch *only {
 	case "throughput":
@@ -79,6 +89,8 @@ func main() {
 		masterUpgradeTiming()
 	case "crash":
 		crashCost()
+	case "handoff":
+		handoffCost()
 	default:
 		upgradeTiming()
 	}
@@ -205,7 +217,7 @@ func load(addr string, d time.Duration, keepAlive bool) (float64, int64, map[str
 
 // loadTimed is load that also passes every answered request's latency to
 // record (if set), from its own goroutine.
-func loadTimed(addr string, d time.Duration, keepAlive bool, record func(time.Duration)) (float64, int64, map[string]int) {
+func loadTimed(addr string, d time.Duration, keepAlive bool, record func(time.Duration, string)) (float64, int64, map[string]int) {
 	var ok, failed atomic.Int64
 	var pmu sync.Mutex
 	byPid := map[string]int{}
@@ -257,7 +269,7 @@ func loadTimed(addr string, d time.Duration, keepAlive bool, record func(time.Du
 				}
 				ok.Add(1)
 				if record != nil {
-					record(time.Since(t0))
+					record(time.Since(t0), resp.Header.Get("X-Pid"))
 				}
 				pmu.Lock()
 				byPid[resp.Header.Get("X-Pid")]++
@@ -545,7 +557,7 @@ func crashCost() {
 	m.wait(0, "sd.ready")
 	var lmu sync.Mutex
 	var lat []float64
-	record := func(d time.Duration) {
+	record := func(d time.Duration, _ string) {
 		lmu.Lock()
 		lat = append(lat, float64(d.Microseconds())/1000)
 		lmu.Unlock()
@@ -588,4 +600,196 @@ func crashCost() {
 	fmt.Printf("%-58s %12s %12s\n", "kill -> new master ready (median / max)", ms(median(ready)), ms(slices.Max(ready)))
 	fmt.Printf("%-58s %12s %12s\n", "request latency over the run (p50 / p99)", ms(pct(lat, 0.5)), ms(pct(lat, 0.99)))
 	fmt.Printf("%-58s %12s\n", "slowest request", ms(slices.Max(lat)))
+}
+
+// jain is Jain's fairness index of xs: 1 when all are equal, 1/n when one
+// has everything.
+func jain(xs []float64) float64 {
+	var sum, sq float64
+	for _, x := range xs {
+		sum += x
+		sq += x * x
+	}
+	if sq == 0 {
+		return 0
+	}
+	return sum * sum / (float64(len(xs)) * sq)
+}
+
+// windowedJain runs the load for d and returns the median and minimum of
+// Jain's index over 1-s windows of the requests each worker answered
+// (workers seen in the run that answered nothing in a window count 0).
+func windowedJain(addr string, d time.Duration, keepAlive bool) (float64, float64) {
+	var mu sync.Mutex
+	start := time.Now()
+	win := map[int]map[string]int{}
+	pids := map[string]bool{}
+	loadTimed(addr, d, keepAlive, func(_ time.Duration, pid string) {
+		w := int(time.Since(start) / time.Second)
+		mu.Lock()
+		if win[w] == nil {
+			win[w] = map[string]int{}
+		}
+		win[w][pid]++
+		pids[pid] = true
+		mu.Unlock()
+	})
+	var js []float64
+	for w := 0; w < int(d/time.Second); w++ { // whole windows only
+		var xs []float64
+		for pid := range pids {
+			xs = append(xs, float64(win[w][pid]))
+		}
+		js = append(js, jain(xs))
+	}
+	if len(js) == 0 {
+		return 0, 0
+	}
+	return median(js), slices.Min(js)
+}
+
+// fairness reports Jain's index over 1-s windows for the shared socket,
+// --reuseport, and N standalone copies on one SO_REUSEPORT port.
+func fairness() {
+	fmt.Printf("== Fairness: Jain's index of requests per worker over 1-s windows, N=%d, %d clients (median / min) ==\n", *workers, *clients)
+	fmt.Printf("%-22s %14s %14s %14s\n", "mode", "gorolling", "--reuseport", "standalone")
+	for _, keepAlive := range []bool{true, false} {
+		var cells []string
+		for _, reuse := range []bool{false, true} {
+			args := []string{filepath.Join(binDir, "example-server"), "-listen", "127.0.0.1:0"}
+			if reuse {
+				args = append([]string{"--reuseport", "--"}, args...)
+			} else {
+				args = append([]string{"--"}, args...)
+			}
+			m := startMaster(args...)
+			m.wait(0, "generation serving")
+			e, _, _ := m.wait(0, "listener handed over")
+			med, lo := windowedJain(e["addr"].(string), *duration, keepAlive)
+			cells = append(cells, fmt.Sprintf("%.3f / %.3f", med, lo))
+			m.stop()
+		}
+		port := freePort()
+		stop := standalone(port)
+		med, lo := windowedJain("127.0.0.1:"+strconv.Itoa(port), *duration, keepAlive)
+		cells = append(cells, fmt.Sprintf("%.3f / %.3f", med, lo))
+		stop()
+		name := "keep-alive"
+		if !keepAlive {
+			name = "new connection each"
+		}
+		fmt.Printf("%-22s %14s %14s %14s\n", name, cells[0], cells[1], cells[2])
+	}
+	fmt.Println()
+}
+
+// handoffCost runs, for N=1 and N=-workers, and for the hand-off and the
+// old drain, -hups upgrades under 32 keep-alive clients that pause 0-100
+// ms between requests, and reports what the clients saw and what the
+// master spent.
+func handoffCost() {
+	fmt.Printf("== Upgrades under keep-alive load: hand-off against the old drain, %d HUPs per run, %d clients ==\n", *hups, *clients)
+	fmt.Printf("%-14s %3s %9s %7s %13s %14s %14s %10s %14s\n", "drain", "N", "requests", "failed", "closed/upg", "HUP->gone med", "HUP->gone p90", "handed", "master CPU/conn")
+	for _, n := range []int{1, *workers} {
+		for _, handoff := range []bool{true, false} {
+			port := freePort()
+			addr := "127.0.0.1:" + strconv.Itoa(port)
+			args := []string{"-w", strconv.Itoa(n), "--", filepath.Join(binDir, "example-server"), "-listen", addr}
+			name := "hand-off"
+			if !handoff {
+				args = append(args, "-no-handoff")
+				name = "close (old)"
+			}
+			m := startMaster(args...)
+			m.wait(0, "generation serving")
+			pid := m.cmd.Process.Pid
+			var ok, failed, closed atomic.Int64
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			for i := 0; i < *clients; i++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					var c net.Conn
+					var br *bufio.Reader
+					defer func() {
+						if c != nil {
+							c.Close()
+						}
+					}()
+					for {
+						select {
+						case <-stop:
+							return
+						case <-time.After(time.Duration(rand.IntN(100)) * time.Millisecond):
+						}
+						if c == nil {
+							var err error
+							if c, err = net.Dial("tcp", addr); err != nil {
+								failed.Add(1)
+								continue
+							}
+							br = bufio.NewReader(c)
+						}
+						c.SetDeadline(time.Now().Add(10 * time.Second))
+						_, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+						var resp *http.Response
+						if err == nil {
+							resp, err = http.ReadResponse(br, nil)
+						}
+						if err == nil {
+							_, err = io.Copy(io.Discard, resp.Body)
+							resp.Body.Close()
+						}
+						if err != nil || resp.StatusCode != 200 {
+							failed.Add(1)
+							c.Close()
+							c = nil
+							continue
+						}
+						ok.Add(1)
+						if resp.Close {
+							closed.Add(1)
+							c.Close()
+							c = nil
+						}
+					}
+				}()
+			}
+			time.Sleep(time.Second)
+			st0, err := procfs.ReadStat(pid)
+			check(err)
+			var gone []float64
+			for i := 0; i < *hups; i++ {
+				from := m.len()
+				t0 := time.Now()
+				check(m.cmd.Process.Signal(syscall.SIGHUP))
+				_, doneAt, _ := m.wait(from, "upgrade finished")
+				gone = append(gone, float64(doneAt.Sub(t0).Microseconds())/1000)
+				time.Sleep(300 * time.Millisecond)
+			}
+			st1, err := procfs.ReadStat(pid)
+			check(err)
+			close(stop)
+			wg.Wait()
+			handed := 0
+			m.mu.Lock()
+			for _, e := range m.logs {
+				if e["event"] == "conn.handed_over" {
+					handed++
+				}
+			}
+			m.mu.Unlock()
+			m.stop()
+			perConn := "-"
+			if handed > 0 {
+				perConn = fmt.Sprintf("%.0f us", float64((st1.CPU-st0.CPU).Microseconds())/float64(handed))
+			}
+			fmt.Printf("%-14s %3d %9d %7d %13.1f %14s %14s %10d %14s\n", name, n, ok.Load(), failed.Load(),
+				float64(closed.Load())/float64(*hups), ms(median(gone)), ms(pct(gone, 0.9)), handed, perConn)
+		}
+	}
+	fmt.Println("(master CPU/conn: the master's user+system time over the upgrades, divided by the connections it handed over;")
+	fmt.Println(" it includes the upgrades' own work, so it is an upper bound)")
+	fmt.Println()
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,7 +22,14 @@ type Stat struct {
 	State byte
 	// PPid is the parent's pid, PGrp the process group.
 	PPid, PGrp int
+	// CPU is the processor time the process used so far, user and system
+	// (its own threads, not its children).
+	CPU time.Duration
 }
+
+// clockTick is the unit of the CPU times in /proc/PID/stat: USER_HZ, 100
+// on every Linux architecture.
+const clockTick = 10 * time.Millisecond
 
 // errFormat reports a /proc/PID/stat line that does not parse.
 var errFormat = errors.New("procfs: unexpected /proc/PID/stat format")
@@ -48,7 +56,16 @@ func ReadStat(pid int) (Stat, error) {
 	if err1 != nil || err2 != nil {
 		return Stat{}, errFormat
 	}
-	return Stat{State: f[0][0], PPid: ppid, PGrp: pgrp}, nil
+	st := Stat{State: f[0][0], PPid: ppid, PGrp: pgrp}
+	if len(f) > 12 {
+		// Fields 14 and 15 of the line: utime and stime.
+		ut, err1 := strconv.ParseUint(f[11], 10, 64)
+		sy, err2 := strconv.ParseUint(f[12], 10, 64)
+		if err1 == nil && err2 == nil {
+			st.CPU = time.Duration(ut+sy) * clockTick
+		}
+	}
+	return st, nil
 }
 
 // Running reports whether pid is a running process; a zombie (exited, not

@@ -5,6 +5,7 @@ import (
 	"os/exec"
 	"slices"
 	"testing"
+	"time"
 )
 
 func TestReadStat(t *testing.T) {
@@ -17,6 +18,17 @@ func TestReadStat(t *testing.T) {
 	}
 	if !Running(os.Getpid()) {
 		t.Fatal("this process does not run")
+	}
+	// Burn 100 ms of CPU: the counter must move by at least most of it.
+	end := time.Now().Add(100 * time.Millisecond)
+	for time.Now().Before(end) {
+	}
+	after, err := ReadStat(os.Getpid())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := after.CPU - st.CPU; d < 50*time.Millisecond {
+		t.Fatalf("100 ms of spinning moved the CPU time by %s", d)
 	}
 }
 
