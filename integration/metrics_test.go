@@ -71,7 +71,8 @@ func TestMetrics(t *testing.T) {
 		"gorolling_serving_generation":                                   1,
 		`gorolling_workers{state="ready"}`:                               2,
 		`gorolling_upgrades_total{kind="workers",outcome="ok"}`:          0,
-		`gorolling_sockets{kind="shared"}`:                               1,
+		`gorolling_sockets{kind="shared"}`:                               2, // one listen, a socket per slot (--spread even)
+		"gorolling_connections_handed_over_total":                        0,
 		"gorolling_master_upgrades_total":                                0,
 		`gorolling_upgrades_total{kind="master",outcome="ok"}`:           0,
 		`gorolling_upgrade_duration_seconds_count`:                       0,
@@ -145,8 +146,20 @@ func TestMetrics(t *testing.T) {
 			time.Sleep(2 * time.Millisecond)
 		}
 	}()
+	// One idle keep-alive connection to the workers: each upgrade moves it.
+	wc := &http.Client{Timeout: 5 * time.Second}
+	get := func() {
+		resp, err := wc.Get("http://" + p.listenAddr(5*time.Second) + "/")
+		if err != nil {
+			t.Fatalf("request to the workers: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	get()
 	for i := 0; i < 3; i++ {
 		p.upgrade(60 * time.Second)
+		get()
 	}
 	close(stop)
 	wg.Wait()
@@ -160,6 +173,8 @@ func TestMetrics(t *testing.T) {
 		"gorolling_upgrade_duration_seconds_count":              3,
 		`gorolling_workers{state="ready"}`:                      2,
 		"gorolling_rollbacks_total":                             0,
+		"gorolling_connections_handed_over_total":               3,
+		"gorolling_connections_returned_total":                  0,
 	} {
 		if got := s[series]; got != want {
 			t.Errorf("after 3 upgrades: %s = %v, want %v", series, got, want)

@@ -411,8 +411,12 @@ func (m *Master) collect() {
 			}
 		}
 	}
-	for _, s := range m.reg.Collect(func(k handoff.Key) bool { return inUse[k] }) {
+	gone := m.reg.Collect(func(k handoff.Key) bool { return inUse[k] })
+	for _, s := range gone {
 		m.log.Info("listener closed: no live worker holds it", events.Key, events.ListenerClosed, "key", s.Key.String(), "addr", s.Addr)
+	}
+	if len(gone) > 0 {
+		m.placeLocked()
 	}
 }
 

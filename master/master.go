@@ -11,8 +11,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/account"
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/placement"
 	"github.com/gorolling/gorolling/master/registry"
 	"github.com/hashicorp/go-hclog"
 )
@@ -68,6 +70,10 @@ type Config struct {
 	// ReapOrphans makes the master reap every orphan re-parented to it, as
 	// an init must: set it when the master is pid 1 (a container's init).
 	ReapOrphans bool
+	// Placer, if set, steers new connections of the registry's reuseport
+	// groups round-robin over the slots whose workers are ready (see
+	// package placement). The caller owns it.
+	Placer *placement.Placer
 	// Changed, if set, is called after every change of the master's state
 	// (a worker started, ready or gone, a generation started or drained,
 	// the size changed), with the master's lock held: it must neither
@@ -339,9 +345,42 @@ func (m *Master) Done() <-chan struct{} { return m.stopped }
 func (m *Master) notifyLocked() {
 	close(m.changed)
 	m.changed = make(chan struct{})
+	m.placeLocked()
 	if m.cfg.Changed != nil {
 		m.cfg.Changed()
 	}
+}
+
+// placeLocked tells the placer which members of each reuseport group get
+// new connections: those whose slot has a ready worker in a generation
+// that is not draining. Called with m.mu held.
+func (m *Master) placeLocked() {
+	if m.cfg.Placer == nil || m.stopping {
+		return
+	}
+	active := map[handoff.Key]bool{}
+	for _, g := range m.gens {
+		if g.state >= genDraining {
+			continue
+		}
+		for _, s := range g.slots {
+			if w := s.w; w != nil && w.state == workerReadyState {
+				for k := range w.keys {
+					if k.Member > 0 {
+						active[k] = true
+					}
+				}
+			}
+		}
+	}
+	m.reg.Members(func(k handoff.Key) bool { return active[k] }, func(groups map[string][]int) {
+		switch err := m.cfg.Placer.Sync(groups); {
+		case errors.Is(err, placement.ErrUnavailable):
+			m.log.Warn("connections are spread by the kernel's hash instead of evenly", events.Key, events.PlacementUnavailable, "error", err)
+		case err != nil:
+			m.log.Warn("placement: a reuseport group was not updated", "error", strings.ReplaceAll(err.Error(), "\n", "; "))
+		}
+	})
 }
 
 // waitFor re-evaluates cond (under m.mu) after every state change until it

@@ -428,7 +428,7 @@ func (w *child) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 	}
 	w.m.mu.Lock()
 	_, known := w.keys[k]
-	if !known && len(w.keys) >= maxKeysPerWorker {
+	if !known && w.requestedLocked() >= maxKeysPerWorker {
 		w.m.mu.Unlock()
 		reply.Error = fmt.Sprintf("listen %s: this worker already holds %d sockets, the most one worker may ask for", k, maxKeysPerWorker)
 		reply.Errno = "EMFILE"
@@ -468,6 +468,18 @@ func (w *child) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 	w.m.mu.Unlock()
 	w.log.Debug("listener handed over", events.Key, events.ListenerHandedOver, "key", s.Key.String(), "addr", s.Addr)
 	return fd
+}
+
+// requestedLocked counts the sockets w asked for: its keys, not counting
+// the reuseport members that come with them. Called with m.mu held.
+func (w *child) requestedLocked() int {
+	n := 0
+	for k := range w.keys {
+		if k.Member == 0 {
+			n++
+		}
+	}
+	return n
 }
 
 // warnOnce logs a warning the first time what happens to this worker, and

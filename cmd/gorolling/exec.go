@@ -18,6 +18,7 @@ import (
 	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
 	"github.com/gorolling/gorolling/master/metrics"
+	"github.com/gorolling/gorolling/master/placement"
 	"github.com/gorolling/gorolling/master/registry"
 	"github.com/gorolling/gorolling/master/sdnotify"
 	"github.com/gorolling/gorolling/upgrade"
@@ -43,6 +44,7 @@ type execOptions struct {
 	user         string
 	group        string
 	reuseport    bool
+	spread       string
 	maxSockets   int
 	fdStore      string
 	chdir        string
@@ -67,7 +69,8 @@ func execFlags() (*pflag.FlagSet, *execOptions) {
 	fs.StringVar(&o.ready, "ready", "auto", "when a worker counts as ready: auto (the first of worker.Ready() and sd_notify READY=1) or timer:DURATION (that long after it started, for programs that can signal nothing)")
 	fs.Uint64Var(&o.nofile, "nofile", 0, "open-file limit (RLIMIT_NOFILE) for the master and its workers; 0 means the hard limit")
 	fs.StringVar(&o.name, "name", "", "the service's name, for the default control socket "+control.DefaultDir()+"/NAME.sock (default: the program's file name)")
-	fs.BoolVar(&o.reuseport, "reuseport", false, "give each worker slot its own SO_REUSEPORT socket for the TCP listeners workers ask for, so the kernel spreads connections evenly (default: one shared socket)")
+	fs.StringVar(&o.spread, "spread", "even", "how new TCP connections reach a generation's workers (for the sockets workers ask for; --listen sockets stay shared): even (each slot has its own SO_REUSEPORT socket and the master's BPF program deals connections round-robin to the slots whose worker is ready; the kernel's hash where BPF is refused), hash (the same sockets, the kernel's hash decides) or shared (one socket that every worker accepts from, Node's cluster semantics; the busiest worker may win most)")
+	fs.BoolVar(&o.reuseport, "reuseport", false, "the same as --spread hash (kept for older configurations)")
 	fs.StringVar(&o.user, "user", "", "run the workers as this user (name or uid), with its supplementary groups; the master keeps its privileges to bind --listen sockets")
 	fs.StringVar(&o.group, "group", "", "with --user: run the workers with this primary group (name or gid) instead of the user's")
 	fs.IntVar(&o.maxSockets, "max-sockets", 1024, "the most sockets the master opens on workers' requests; past it a worker's listen fails with ENFILE (--listen and inherited sockets do not count against it)")
@@ -160,6 +163,17 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	}
 	if o.drainTimeout <= 0 {
 		return fail("--drain-timeout must be positive, got %s", o.drainTimeout)
+	}
+	if o.reuseport {
+		if fs.Changed("spread") && o.spread != "hash" {
+			return fail("--reuseport means --spread hash; it cannot be used with --spread %s", o.spread)
+		}
+		o.spread = "hash"
+	}
+	switch o.spread {
+	case "even", "hash", "shared":
+	default:
+		return fail("--spread must be even, hash or shared, got %q", o.spread)
 	}
 	if o.maxSockets < 1 || o.maxSockets > maxSocketsLimit {
 		return fail("--max-sockets must be 1 to %d, got %d", maxSocketsLimit, o.maxSockets)
@@ -274,7 +288,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	if d.watchdog, err = sdnotify.Watchdog(predecessor); err != nil {
 		d.log.Warn("systemd's watchdog settings are unusable; not serving the watchdog", "error", err)
 	}
-	regOpt := registry.Options{Owner: acct, ReusePort: o.reuseport, Max: o.maxSockets}
+	regOpt := registry.Options{Owner: acct, ReusePort: o.spread != "shared", Max: o.maxSockets}
 	if d.store != nil {
 		regOpt.Changed = d.wakeStore
 	}
@@ -357,8 +371,13 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 			return startFailed(err)
 		}
 	}
-	if o.reuseport {
+	var placer *placement.Placer
+	switch o.spread {
+	case "hash":
 		warnMigrate(d.log)
+	case "even":
+		placer = placement.New()
+		defer placer.Close()
 	}
 	d.m, err = master.New(master.Config{
 		Program:        d.program,
@@ -368,6 +387,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		StopSignal:     stopSig,
 		Logger:         d.log,
 		Registry:       d.reg,
+		Placer:         placer,
 		Shim:           []string{shimPath(acct != nil), shimCommand},
 		ReadyTimer:     readyTimer,
 		Account:        acct,
@@ -417,15 +437,15 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// warnMigrate says, in reuseport mode, whether the kernel moves the
+// warnMigrate says, with --spread hash, whether the kernel moves the
 // connections queued on a member socket that closes (scale-down) to the
 // others, or resets them.
 func warnMigrate(log hclog.Logger) {
 	b, _ := os.ReadFile("/proc/sys/net/ipv4/tcp_migrate_req")
 	if v := strings.TrimSpace(string(b)); v == "1" {
-		log.Info("reuseport mode", "tcp_migrate_req", v)
+		log.Info("--spread hash", "tcp_migrate_req", v)
 	} else {
-		log.Warn("reuseport mode: net.ipv4.tcp_migrate_req is not 1, so connections queued on a slot's socket are reset when scaling down removes the slot (upgrades keep every socket)", "tcp_migrate_req", v)
+		log.Warn("--spread hash: net.ipv4.tcp_migrate_req is not 1, so connections queued on a slot's socket are reset when scaling down removes the slot (upgrades keep every socket)", "tcp_migrate_req", v)
 	}
 }
 

@@ -163,6 +163,8 @@ func (m *Metrics) Write(w io.Writer) {
 		}
 		g("gorolling_sockets", help, typ, float64(kinds[k]), "kind", k)
 	}
+	g("gorolling_connections_handed_over_total", "Connections this master moved from a draining worker to a worker of the serving generation.", "counter", float64(st.ConnsHandedOver))
+	g("gorolling_connections_returned_total", "Connections a draining worker offered that no worker took in time; their sender finished them itself.", "counter", float64(st.ConnsReturned))
 	g("gorolling_master_upgrades_total", "Master self-upgrades of this service since its first master started.", "counter", float64(st.MasterUpgrades))
 	g("gorolling_master_restarts_total", "Masters of this service that died and whose sockets a new master took back from systemd's fd store.", "counter", float64(st.MasterRestarts))
 	if fds, err := procfs.OpenFDs(os.Getpid()); err == nil {

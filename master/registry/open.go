@@ -175,6 +175,10 @@ func backlog() int {
 func bindSocket(k handoff.Key, addr string) (*Socket, error) {
 	var lc net.ListenConfig
 	if k.Member > 0 {
+		// Plain TCP, not Go's default MPTCP: the kernel steers a
+		// reuseport group with BPF (package placement) only for TCP
+		// sockets. MPTCP clients still connect, as plain TCP.
+		lc.SetMultipathTCP(false)
 		lc.Control = func(_, _ string, c syscall.RawConn) error {
 			var serr error
 			if err := c.Control(func(fd uintptr) {

@@ -599,3 +599,40 @@ func (r *Registry) Len() int {
 	defer r.mu.Unlock()
 	return len(r.sockets)
 }
+
+// Members calls f once, under the registry's lock (so that every
+// descriptor stays open while f runs), with every reuseport group: its
+// name (the shared key's string) and the descriptors of its member
+// sockets for which active is true, in slot order. A group whose members
+// are all inactive is given with no descriptors.
+func (r *Registry) Members(active func(handoff.Key) bool, f func(groups map[string][]int)) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	type member struct {
+		slot int
+		fd   int
+	}
+	bySlot := map[string][]member{}
+	for k, s := range r.sockets {
+		if k.Member == 0 {
+			continue
+		}
+		name := k.Shared().String()
+		if _, ok := bySlot[name]; !ok {
+			bySlot[name] = nil
+		}
+		if active(k) {
+			bySlot[name] = append(bySlot[name], member{k.Member, s.fd})
+		}
+	}
+	groups := make(map[string][]int, len(bySlot))
+	for name, ms := range bySlot {
+		sort.Slice(ms, func(i, j int) bool { return ms[i].slot < ms[j].slot })
+		fds := make([]int, 0, len(ms))
+		for _, m := range ms {
+			fds = append(fds, m.fd)
+		}
+		groups[name] = fds
+	}
+	f(groups)
+}
