@@ -373,8 +373,23 @@ func (m *Master) placeLocked() {
 			}
 		}
 	}
-	m.reg.Members(func(k handoff.Key) bool { return active[k] }, func(groups map[string][]int) {
-		switch err := m.cfg.Placer.Sync(groups); {
+	m.reg.Members(func(groups map[string][]registry.Member) {
+		in := make(map[string][]placement.Member, len(groups))
+		for name, ms := range groups {
+			for _, x := range ms {
+				in[name] = append(in[name], placement.Member{Slot: x.Key.Member - 1, FD: x.FD, Active: active[x.Key]})
+			}
+		}
+		for name, ms := range in {
+			n := 0
+			for _, x := range ms {
+				if x.Active {
+					n++
+				}
+			}
+			m.log.Debug("placement updated", events.Key, events.PlacementUpdated, "group", name, "members", len(ms), "active", n)
+		}
+		switch err := m.cfg.Placer.Sync(in); {
 		case errors.Is(err, placement.ErrUnavailable):
 			m.log.Warn("connections are spread by the kernel's hash instead of evenly", events.Key, events.PlacementUnavailable, "error", err)
 		case err != nil:

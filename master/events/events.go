@@ -43,6 +43,7 @@ const (
 	OrphanReaped         = "orphan.reaped"         // pid, status (as pid 1, debug level)
 	ConnHandedOver       = "conn.handed_over"      // key, to_worker_id (debug level)
 	PlacementUnavailable = "placement.unavailable" // error: BPF refused; the kernel's hash spreads connections
+	PlacementUpdated     = "placement.updated"     // group, members, active (debug level): logged before the update applies
 )
 
 // Upgrades.

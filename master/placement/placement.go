@@ -22,7 +22,6 @@ package placement
 import (
 	"errors"
 	"fmt"
-	"slices"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -33,6 +32,18 @@ import (
 // MaxMembers bounds the members of one group (the master's MaxWorkers).
 const MaxMembers = 1024
 
+// Member is one socket of a reuseport group.
+type Member struct {
+	// Slot is the member's slot, 0..MaxMembers-1.
+	Slot int
+	// FD is a descriptor of the socket, open during the call it is
+	// passed to.
+	FD int
+	// Active says the slot has a ready worker: the member gets new
+	// connections.
+	Active bool
+}
+
 // Placer steers the reuseport groups of one master. Its methods are safe
 // for concurrent use.
 type Placer struct {
@@ -41,72 +52,66 @@ type Placer struct {
 	disabled error // BPF is not available: the kernel's hash decides
 }
 
-// group is one reuseport group's program and maps.
+// group is one reuseport group's program and maps. Members sit at their
+// slot's index of socks and never move; order lists the active slots, and
+// the program deals connections over order[0..n-1].
 type group struct {
 	prog  *ebpf.Program
-	socks *ebpf.Map // index -> member socket (REUSEPORT_SOCKARRAY)
-	state *ebpf.Map // one value: the round-robin counter, the member count
-	cur   []uint64  // the socket cookie at each index of socks (0: none)
+	socks *ebpf.Map      // slot -> member socket (REUSEPORT_SOCKARRAY)
+	order *ebpf.Map      // i -> slot, for i < n (ARRAY of u32)
+	state *ebpf.Map      // one value: the round-robin counter and n (u32 each)
+	at    map[int]uint64 // slot -> the cookie of the socket at that index of socks
+	n     int
 }
 
 // New returns a placer with no groups.
 func New() *Placer { return &Placer{groups: make(map[string]*group)} }
 
-// Update makes the members fds (descriptors of sockets of one group,
-// named by the caller's key name, all listening) the ones that get new
-// connections, in turn. With no fds the group falls back to the kernel's
-// hash over all its sockets. The descriptors must stay open during the
-// call; the kernel keeps its own reference to each socket until the next
-// Update or the socket closes. The first Update of a group attaches the
-// program. It returns ErrUnavailable, wrapped, once if BPF cannot be used,
-// and nil for every later call.
-func (p *Placer) Update(name string, fds []int) error {
+// ErrUnavailable is wrapped by Sync's error when the kernel refuses the
+// program: connections are then spread by the kernel's hash.
+var ErrUnavailable = errors.New("placement: even spreading unavailable")
+
+// Sync makes every group of groups (named by the caller) deal new
+// connections round-robin over its active members, attaching the program
+// at a group's first sync; groups not named any more are forgotten (their
+// sockets are gone). It returns ErrUnavailable, wrapped, the first time BPF
+// cannot be used, and nothing for that reason afterwards: the kernel's
+// hash then spreads every group's connections.
+func (p *Placer) Sync(groups map[string][]Member) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.disabled != nil {
 		return nil
 	}
-	if len(fds) > MaxMembers {
-		fds = fds[:MaxMembers]
-	}
-	g := p.groups[name]
-	if g == nil {
-		if len(fds) == 0 {
-			return nil
+	var errs []error
+	for name, ms := range groups {
+		g := p.groups[name]
+		if g == nil {
+			if len(ms) == 0 {
+				continue
+			}
+			var err error
+			if g, err = newGroup(ms[0].FD); err != nil {
+				p.disabled = err
+				return fmt.Errorf("%w: %v", ErrUnavailable, err)
+			}
+			p.groups[name] = g
 		}
-		var err error
-		g, err = newGroup(fds[0])
-		if err != nil {
-			p.disabled = err
-			return fmt.Errorf("%w: %v", ErrUnavailable, err)
-		}
-		p.groups[name] = g
-	}
-	return g.set(fds)
-}
-
-// Sync updates every group of groups (see Update) and drops the program
-// and maps of groups not in it, whose sockets are gone. It returns the
-// first error.
-func (p *Placer) Sync(groups map[string][]int) error {
-	var first error
-	for name, fds := range groups {
-		if err := p.Update(name, fds); err != nil && first == nil {
-			first = err
+		if err := g.set(ms); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	for name, g := range p.groups {
 		if _, ok := groups[name]; !ok {
 			g.close()
 			delete(p.groups, name)
 		}
 	}
-	return first
+	return errors.Join(errs...)
 }
 
-// Close drops every group's program and maps.
+// Close drops every group's program and maps. The programs stay attached
+// to their groups until a successor replaces them or the sockets close.
 func (p *Placer) Close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -116,54 +121,52 @@ func (p *Placer) Close() {
 	}
 }
 
-// ErrUnavailable is wrapped by Update's error when the kernel refuses the
-// program: connections are then spread by the kernel's hash.
-var ErrUnavailable = errors.New("placement: even spreading unavailable")
-
 func newGroup(member int) (*group, error) {
-	state, err := ebpf.NewMap(&ebpf.MapSpec{Name: "gr_rr", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
-	if err != nil {
+	g := &group{at: map[int]uint64{}}
+	var err error
+	if g.state, err = ebpf.NewMap(&ebpf.MapSpec{Name: "gr_rr", Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1}); err != nil {
 		return nil, fmt.Errorf("create the counter map: %w", err)
 	}
-	socks, err := ebpf.NewMap(&ebpf.MapSpec{Name: "gr_members", Type: ebpf.ReusePortSockArray, KeySize: 4, ValueSize: 8, MaxEntries: MaxMembers})
-	if err != nil {
-		state.Close()
+	if g.order, err = ebpf.NewMap(&ebpf.MapSpec{Name: "gr_order", Type: ebpf.Array, KeySize: 4, ValueSize: 4, MaxEntries: MaxMembers}); err != nil {
+		g.close()
+		return nil, fmt.Errorf("create the order map: %w", err)
+	}
+	if g.socks, err = ebpf.NewMap(&ebpf.MapSpec{Name: "gr_members", Type: ebpf.ReusePortSockArray, KeySize: 4, ValueSize: 8, MaxEntries: MaxMembers}); err != nil {
+		g.close()
 		return nil, fmt.Errorf("create the member map: %w", err)
 	}
-	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+	if g.prog, err = ebpf.NewProgram(&ebpf.ProgramSpec{
 		Name:         "gr_place",
 		Type:         ebpf.SkReuseport,
 		AttachType:   ebpf.AttachSkReuseportSelectOrMigrate,
 		License:      "MIT",
-		Instructions: roundRobin(state.FD(), socks.FD()),
-	})
-	if err != nil {
-		state.Close()
-		socks.Close()
+		Instructions: roundRobin(g.state.FD(), g.order.FD(), g.socks.FD()),
+	}); err != nil {
+		g.close()
 		return nil, fmt.Errorf("load the program: %w", err)
 	}
-	if err := unix.SetsockoptInt(member, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, prog.FD()); err != nil {
-		prog.Close()
-		state.Close()
-		socks.Close()
+	if err := unix.SetsockoptInt(member, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, g.prog.FD()); err != nil {
+		g.close()
 		return nil, fmt.Errorf("attach the program: %w", err)
 	}
-	return &group{prog: prog, socks: socks, state: state}, nil
+	return g, nil
 }
 
-// roundRobin is the program: add one to the counter, and select member
-// counter mod n. If the counter is missing or n is 0, or the selection
-// fails (a member that closed a moment ago), it selects nothing, and the
-// kernel picks by hash among the sockets still listening.
+// roundRobin is the program: add one to the counter and select the member
+// of slot order[counter mod n]. If n is 0 or the selection fails (a member
+// that closed a moment ago), it selects nothing, and the kernel picks by
+// hash among the sockets still listening.
 //
 //	r6 = ctx
-//	key = 0; v = lookup(state, &key); if v == NULL goto pass
+//	v = lookup(state, 0); if !v goto pass
 //	atomic v->counter += 1
 //	i = v->counter; n = v->n; if n == 0 goto pass
 //	i %= n
-//	bpf_sk_select_reuseport(ctx, socks, &i, 0)
+//	o = lookup(order, i); if !o goto pass
+//	slot = *o
+//	bpf_sk_select_reuseport(ctx, socks, &slot, 0)
 //	pass: return SK_PASS
-func roundRobin(state, socks int) asm.Instructions {
+func roundRobin(state, order, socks int) asm.Instructions {
 	return asm.Instructions{
 		asm.Mov.Reg(asm.R6, asm.R1),
 		asm.StoreImm(asm.RFP, -4, 0, asm.Word),
@@ -179,10 +182,17 @@ func roundRobin(state, socks int) asm.Instructions {
 		asm.JEq.Imm(asm.R2, 0, "pass"),
 		asm.Mod.Reg32(asm.R1, asm.R2),
 		asm.StoreMem(asm.RFP, -8, asm.R1, asm.Word),
+		asm.LoadMapPtr(asm.R1, order),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -8),
+		asm.FnMapLookupElem.Call(),
+		asm.JEq.Imm(asm.R0, 0, "pass"),
+		asm.LoadMem(asm.R1, asm.R0, 0, asm.Word),
+		asm.StoreMem(asm.RFP, -12, asm.R1, asm.Word),
 		asm.Mov.Reg(asm.R1, asm.R6),
 		asm.LoadMapPtr(asm.R2, socks),
 		asm.Mov.Reg(asm.R3, asm.RFP),
-		asm.Add.Imm(asm.R3, -8),
+		asm.Add.Imm(asm.R3, -12),
 		asm.Mov.Imm(asm.R4, 0),
 		asm.FnSkSelectReuseport.Call(),
 		asm.Mov.Imm(asm.R0, 1).WithSymbol("pass"), // SK_PASS
@@ -190,59 +200,68 @@ func roundRobin(state, socks int) asm.Instructions {
 	}
 }
 
-// set makes fds the members at indexes 0..len(fds)-1, then sets the count
-// (the program reads only indexes below it). A socket can sit at one index
-// of a member map only (the kernel answers EBUSY otherwise), so sockets
-// are told apart by their cookie: one already at its index stays, one
-// that moves leaves its old index first.
-func (g *group) set(fds []int) error {
+// set puts every member at its slot's index (a socket that is there
+// already stays: the kernel refuses one socket at two indexes), then the
+// active slots into order, then their count. The program reads order only
+// below the count, and each entry is one aligned word, so while set runs
+// a connection goes to a slot that was active before or is active now.
+func (g *group) set(ms []Member) error {
 	var errs []error
-	next := make([]uint64, 0, len(fds))
-	for _, fd := range fds {
-		c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	var active []uint32
+	seen := map[int]bool{}
+	for _, m := range ms {
+		if m.Slot < 0 || m.Slot >= MaxMembers {
+			continue
+		}
+		seen[m.Slot] = true
+		c, err := unix.GetsockoptUint64(m.FD, unix.SOL_SOCKET, unix.SO_COOKIE)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("socket cookie: %w", err))
+			errs = append(errs, fmt.Errorf("slot %d: socket cookie: %w", m.Slot, err))
 			continue
 		}
-		i := len(next)
-		if i < len(g.cur) && g.cur[i] == c {
-			next = append(next, c)
-			continue
+		if g.at[m.Slot] != c {
+			if err := g.socks.Update(uint32(m.Slot), uint64(m.FD), ebpf.UpdateAny); err != nil {
+				errs = append(errs, fmt.Errorf("slot %d: %w", m.Slot, err))
+				continue
+			}
+			g.at[m.Slot] = c
 		}
-		if j := slices.Index(g.cur, c); j >= 0 {
-			_ = g.socks.Delete(uint32(j))
-			g.cur[j] = 0
+		if m.Active {
+			active = append(active, uint32(m.Slot))
 		}
-		if err := g.socks.Update(uint32(i), uint64(fd), ebpf.UpdateAny); err != nil {
-			errs = append(errs, fmt.Errorf("member %d: %w", i, err))
-			continue
-		}
-		if i < len(g.cur) {
-			g.cur[i] = c
-		}
-		next = append(next, c)
 	}
-	n := len(next)
+	for slot := range g.at {
+		if !seen[slot] {
+			// Closed: the kernel has dropped it from socks already.
+			delete(g.at, slot)
+		}
+	}
+	for i, slot := range active {
+		if err := g.order.Update(uint32(i), slot, ebpf.UpdateAny); err != nil {
+			errs = append(errs, fmt.Errorf("order %d: %w", i, err))
+			return errors.Join(errs...)
+		}
+	}
 	// The counter stays where it is: the 8-byte value is rewritten with
 	// the counter read a moment before, a race that can only repeat or
 	// skip one member once. (Little-endian: the counter is the low word.)
 	var v uint64
 	_ = g.state.Lookup(uint32(0), &v)
-	v = v&0xffffffff | uint64(n)<<32
+	v = v&0xffffffff | uint64(len(active))<<32
 	if err := g.state.Update(uint32(0), v, ebpf.UpdateAny); err != nil {
 		errs = append(errs, fmt.Errorf("member count: %w", err))
 	}
-	for i := n; i < len(g.cur); i++ {
-		if g.cur[i] != 0 {
-			_ = g.socks.Delete(uint32(i))
-		}
-	}
-	g.cur = next
+	g.n = len(active)
 	return errors.Join(errs...)
 }
 
 func (g *group) close() {
-	g.prog.Close()
-	g.socks.Close()
-	g.state.Close()
+	if g.prog != nil {
+		g.prog.Close()
+	}
+	for _, m := range []*ebpf.Map{g.socks, g.order, g.state} {
+		if m != nil {
+			m.Close()
+		}
+	}
 }

@@ -600,39 +600,31 @@ func (r *Registry) Len() int {
 	return len(r.sockets)
 }
 
+// Member is one socket of a reuseport group, for Members.
+type Member struct {
+	// Key is the member's key (its Member field names the slot).
+	Key handoff.Key
+	// FD is the registry's descriptor of the socket, open while the
+	// callback runs.
+	FD int
+}
+
 // Members calls f once, under the registry's lock (so that every
-// descriptor stays open while f runs), with every reuseport group: its
-// name (the shared key's string) and the descriptors of its member
-// sockets for which active is true, in slot order. A group whose members
-// are all inactive is given with no descriptors.
-func (r *Registry) Members(active func(handoff.Key) bool, f func(groups map[string][]int)) {
+// descriptor stays open while f runs), with every reuseport group by name
+// (the shared key's string) and its member sockets in slot order.
+func (r *Registry) Members(f func(groups map[string][]Member)) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	type member struct {
-		slot int
-		fd   int
-	}
-	bySlot := map[string][]member{}
+	groups := map[string][]Member{}
 	for k, s := range r.sockets {
 		if k.Member == 0 {
 			continue
 		}
 		name := k.Shared().String()
-		if _, ok := bySlot[name]; !ok {
-			bySlot[name] = nil
-		}
-		if active(k) {
-			bySlot[name] = append(bySlot[name], member{k.Member, s.fd})
-		}
+		groups[name] = append(groups[name], Member{Key: k, FD: s.fd})
 	}
-	groups := make(map[string][]int, len(bySlot))
-	for name, ms := range bySlot {
-		sort.Slice(ms, func(i, j int) bool { return ms[i].slot < ms[j].slot })
-		fds := make([]int, 0, len(ms))
-		for _, m := range ms {
-			fds = append(fds, m.fd)
-		}
-		groups[name] = fds
+	for _, ms := range groups {
+		sort.Slice(ms, func(i, j int) bool { return ms[i].Key.Member < ms[j].Key.Member })
 	}
 	f(groups)
 }
