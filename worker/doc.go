@@ -2,12 +2,16 @@
 // the worker's side of the handoff channel: asking the master for shared
 // listening sockets (Listen, ListenPacket, ListenFD), saying when the server
 // is ready (Ready), learning when to stop (Draining, Context, HandleSignals),
-// the worker's identity (Slot, ID, Generation), and an HTTP helper that
-// drains keep-alive connections without failing a client (ServeHTTP).
+// the worker's identity (Slot, ID, Generation), moving open connections to
+// the next generation (HandOff, Adopt, Conn), and an HTTP helper that hands
+// its keep-alive connections over when it drains, or drains them without
+// failing a client where they cannot move (ServeHTTP).
 //
 // The listen semantics are those of Node's cluster module: the master opens
-// each socket once and hands every worker a duplicate, so all workers accept
-// from one queue; the k-th listen on port 0 gets the same port in every
+// each socket once and hands every worker a duplicate (with the master's
+// default --spread even, each slot of a TCP listen gets its own socket of
+// one SO_REUSEPORT group, which the master deals connections to in turn;
+// the worker sees a listener either way); the k-th listen on port 0 gets the same port in every
 // worker and every later generation; a failed bind returns the real errno;
 // Exclusive listens and listeners the program opens itself are not shared.
 // The master keeps its own copy of every socket while any generation uses

@@ -32,6 +32,13 @@ import (
 // MaxMembers bounds the members of one group (the master's MaxWorkers).
 const MaxMembers = 1024
 
+// MaxGroups bounds the groups one placer steers. Each costs the master four
+// descriptors (the program and three maps); groups past the bound (a
+// worker that asks for many addresses) keep the kernel's hash, so a worker
+// cannot make the master hold more than 4 x MaxGroups descriptors for
+// placement.
+const MaxGroups = 64
+
 // Member is one socket of a reuseport group.
 type Member struct {
 	// Slot is the member's slot, 0..MaxMembers-1.
@@ -83,11 +90,18 @@ func (p *Placer) Sync(groups map[string][]Member) error {
 	if p.disabled != nil {
 		return nil
 	}
+	// Gone groups first, so that their room goes to waiting ones.
+	for name, g := range p.groups {
+		if _, ok := groups[name]; !ok {
+			g.close()
+			delete(p.groups, name)
+		}
+	}
 	var errs []error
 	for name, ms := range groups {
 		g := p.groups[name]
 		if g == nil {
-			if len(ms) == 0 {
+			if len(ms) == 0 || len(p.groups) >= MaxGroups {
 				continue
 			}
 			var err error
@@ -99,12 +113,6 @@ func (p *Placer) Sync(groups map[string][]Member) error {
 		}
 		if err := g.set(ms); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
-		}
-	}
-	for name, g := range p.groups {
-		if _, ok := groups[name]; !ok {
-			g.close()
-			delete(p.groups, name)
 		}
 	}
 	return errors.Join(errs...)

@@ -162,3 +162,28 @@ func TestClosedMember(t *testing.T) {
 		t.Fatalf("%d groups kept", len(p.groups))
 	}
 }
+
+// TestGroupBound: past MaxGroups, further groups are not steered (and cost
+// no descriptor); a group that goes away makes room.
+func TestGroupBound(t *testing.T) {
+	fds, _ := members(t, 1)
+	p := newPlacer(t, fds)
+	in := map[string][]Member{"g": {{Slot: 0, FD: fds[0], Active: true}}}
+	for i := 0; i < MaxGroups+10; i++ {
+		f, _ := members(t, 1)
+		in["g"+strconv.Itoa(i)] = []Member{{Slot: 0, FD: f[0], Active: true}}
+	}
+	if err := p.Sync(in); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.groups) != MaxGroups {
+		t.Fatalf("%d groups steered, want %d", len(p.groups), MaxGroups)
+	}
+	delete(in, "g")
+	if err := p.Sync(in); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.groups) != MaxGroups {
+		t.Fatalf("after one group went: %d groups steered, want %d (a waiting one takes its place)", len(p.groups), MaxGroups)
+	}
+}
