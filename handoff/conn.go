@@ -106,7 +106,11 @@ func (c *Conn) SetWriteTimeout(d time.Duration) {
 
 // Send validates, encodes and sends m with fds attached as SCM_RIGHTS. The
 // caller keeps ownership of fds. Send is safe for concurrent use.
-func (c *Conn) Send(m *Message, fds ...int) error {
+func (c *Conn) Send(m *Message, fds ...int) error { return c.send(0, m, fds) }
+
+// send sends m bounded by limit, if positive and shorter than the write
+// timeout.
+func (c *Conn) send(limit time.Duration, m *Message, fds []int) error {
 	if len(fds) > MaxFDs {
 		return fmt.Errorf("handoff: send %d fds: more than %d", len(fds), MaxFDs)
 	}
@@ -120,13 +124,28 @@ func (c *Conn) Send(m *Message, fds ...int) error {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.writeTimeout > 0 {
-		_ = c.uc.SetWriteDeadline(time.Now().Add(c.writeTimeout))
+	d := c.writeTimeout
+	if limit > 0 && (d == 0 || limit < d) {
+		d = limit
+	}
+	if d > 0 {
+		_ = c.uc.SetWriteDeadline(time.Now().Add(d))
+	} else {
+		_ = c.uc.SetWriteDeadline(time.Time{})
 	}
 	if _, _, err := c.uc.WriteMsgUnix(b, oob, nil); err != nil {
 		return fmt.Errorf("handoff: send %s: %w", m.Type, err)
 	}
 	return nil
+}
+
+// SendWithin is Send bounded by d (or the write timeout, if shorter)
+// instead of the write timeout.
+func (c *Conn) SendWithin(d time.Duration, m *Message, fds ...int) error {
+	if d <= 0 {
+		return fmt.Errorf("handoff: send %s: %w", m.Type, os.ErrDeadlineExceeded)
+	}
+	return c.send(d, m, fds)
 }
 
 // Receive reads one message. The descriptors that came with it are

@@ -80,17 +80,32 @@ func (w *child) adopt(key string, reply *handoff.Message) {
 	w.adopts[key] = true
 }
 
-// offer handles one handoff request of w, which arrived with fd: it
-// checks the descriptor and relays it on a goroutine of its own, which
-// sends the reply.
-func (w *child) offer(msg *handoff.Message, fd int) {
+// closeConn closes the master's copy of a handed-over socket without ever
+// blocking: lingering is switched off first (the default of every socket),
+// so that even a last copy with unsent data and a long SO_LINGER, which a
+// hostile sender can arrange, closes at once and the kernel finishes the
+// connection in the background. It does not reset the connection, which
+// other copies may still serve.
+func closeConn(fd int) {
+	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 0})
+	unix.Close(fd)
+}
+
+// offer handles one handoff request of w, which arrived at received with
+// fd: it checks the descriptor and relays it on a goroutine of its own,
+// which sends the reply. It returns false if w broke the protocol (a
+// descriptor that is not a socket: its close could block, so the master
+// takes none of those).
+func (w *child) offer(msg *handoff.Message, fd int, received time.Time) bool {
 	m := w.m
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		handoff.Discard([]int{fd})
+		return false
+	}
 	reply := &handoff.Message{V: handoff.Version, Type: handoff.TypeReply, ReplyTo: msg.Seq}
 	refuse := func(errno, text string) {
-		// A plain close, on its own goroutine: Discard's abortive close
-		// would change SO_LINGER of a socket the sender still holds, and
-		// a close never blocks the serve loop this way.
-		go unix.Close(fd)
+		closeConn(fd)
 		reply.Errno, reply.Error = errno, text
 		_ = w.conn.Send(reply)
 	}
@@ -100,25 +115,24 @@ func (w *child) offer(msg *handoff.Message, fd int) {
 	m.mu.Unlock()
 	if !held {
 		refuse("EINVAL", fmt.Sprintf("handoff %s: this worker does not hold that socket", msg.Key))
-		return
+		return true
 	}
 	if !draining {
 		refuse("EINVAL", "handoff: only a draining worker hands connections over")
-		return
+		return true
 	}
 	if err := handoff.CheckConn(fd, ref.unix, ref.port); err != nil {
 		refuse(handoff.ErrnoName(err), "handoff: the descriptor is "+err.Error())
-		return
+		return true
 	}
 	// The window: at most maxOffers of this worker's offers at once. The
-	// serve loop waits here, so the worker's further sends wait too.
+	// serve loop waits here, so the worker's further sends wait too; the
+	// wait counts against the offer's bound.
 	w.offers <- struct{}{}
 	go func() {
 		defer func() { <-w.offers }()
-		by := m.relayConn(w, msg, fd)
-		// Not the last copy while the sender lives: this close is instant
-		// and leaves the connection to whoever holds it.
-		unix.Close(fd)
+		by := m.relayConn(w, msg, fd, received.Add(relayTimeout))
+		closeConn(fd)
 		if by == nil {
 			m.mu.Lock()
 			m.connsReturned++
@@ -131,15 +145,14 @@ func (w *child) offer(msg *handoff.Message, fd int) {
 			w.log.Debug("handoff reply not delivered", "error", err)
 		}
 	}()
+	return true
 }
 
 // relayConn passes fd to adopters of the serving generation, the least
-// loaded first, until one takes it or relayTimeout has passed. It returns
-// the adopter, or nil. The caller closes fd.
-func (m *Master) relayConn(from *child, msg *handoff.Message, fd int) *child {
-	// Real time, whatever the master's clock: the bound is on the sender's
-	// wait, and the waits below are real.
-	deadline := time.Now().Add(relayTimeout)
+// loaded first, until one takes it or the deadline has passed. It returns
+// the adopter, or nil. The caller closes fd. Real time, whatever the
+// master's clock: the bound is on the sender's wait.
+func (m *Master) relayConn(from *child, msg *handoff.Message, fd int, deadline time.Time) *child {
 	tried := map[*child]bool{from: true}
 	for {
 		left := time.Until(deadline)
@@ -166,8 +179,8 @@ func (m *Master) relayConn(from *child, msg *handoff.Message, fd int) *child {
 			return nil
 		}
 		taken := false
-		err := to.conn.Send(&handoff.Message{V: handoff.Version, Type: handoff.TypeConn, Conn: r.id, Key: msg.Key, State: msg.State, Unread: msg.Unread}, fd)
-		if err == nil {
+		err := to.conn.SendWithin(left, &handoff.Message{V: handoff.Version, Type: handoff.TypeConn, Conn: r.id, Key: msg.Key, State: msg.State, Unread: msg.Unread}, fd)
+		if left = time.Until(deadline); err == nil && left > 0 {
 			t := time.NewTimer(min(left, acceptTimeout))
 			select {
 			case taken = <-r.taken:
@@ -181,6 +194,13 @@ func (m *Master) relayConn(from *child, msg *handoff.Message, fd int) *child {
 			// No answer in time (or the adopter died): a late accept
 			// now gets "no".
 			r.decided = true
+		} else if !taken {
+			// The accept won the race against the timer: its answer is
+			// in the channel already, and the adopter was told yes.
+			select {
+			case taken = <-r.taken:
+			default:
+			}
 		}
 		delete(m.relays, r.id)
 		to.pending--
@@ -234,6 +254,15 @@ func (m *Master) pickAdopterLocked(key string, tried map[*child]bool) *child {
 		}
 	}
 	return best
+}
+
+// offeredTo reports whether connection id is being offered to w now: such
+// an accept is not rate-limited.
+func (w *child) offeredTo(id uint64) bool {
+	w.m.mu.Lock()
+	defer w.m.mu.Unlock()
+	r := w.m.relays[id]
+	return r != nil && r.to == w
 }
 
 // accept answers w's accept of connection id. A worker that accepts a

@@ -342,7 +342,8 @@ func (w *child) serve() {
 		// Offers and accepts are bounded by the relay's window and by the
 		// connections offered to this worker, not by the request rate: a
 		// drain hands every connection over at once.
-		if msg.Type != handoff.TypeHandoff && msg.Type != handoff.TypeAccept {
+		received := time.Now()
+		if msg.Type != handoff.TypeHandoff && !(msg.Type == handoff.TypeAccept && w.offeredTo(msg.Conn)) {
 			if d := lim.Reserve().Delay(); d > 0 {
 				w.warnOnce("flood", "worker sends requests faster than the master reads them; reading its channel more slowly", events.Key, events.WorkerThrottled, "channel", "handoff", "rate_per_second", requestRate)
 				time.Sleep(d)
@@ -379,7 +380,11 @@ func (w *child) serve() {
 		case handoff.TypeAdopt:
 			w.adopt(msg.Key, reply)
 		case handoff.TypeHandoff:
-			w.offer(msg, fds[0]) // replies when the relay is decided
+			// It replies when the relay is decided.
+			if !w.offer(msg, fds[0], received) {
+				w.violation("handed over a descriptor that is not a socket")
+				return
+			}
 			continue
 		case handoff.TypeAccept:
 			if !w.accept(msg, reply) {

@@ -23,8 +23,8 @@ import (
 //	                          (never answer), refuse (decline it)
 //	hostile NET ADDR          listen and serve nothing; offer the master a
 //	                          connection before the drain, then, draining,
-//	                          descriptors that are not connections of the
-//	                          socket, then accept a connection never offered
+//	                          sockets that are not connections of the
+//	                          socket, then a pipe
 
 // rawChannel is the handoff channel without the worker package.
 type rawChannel struct {
@@ -213,9 +213,6 @@ func hostile(network, addr string) {
 	}()
 	<-drained
 	time.Sleep(200 * time.Millisecond) // the reader above has returned
-	var p [2]int
-	unix.Pipe2(p[:], unix.O_CLOEXEC)
-	offer("pipe", p[0])
 	lf, _ := l.(*net.TCPListener).File()
 	offer("listener", int(lf.Fd()))
 	other2, _ := net.Listen("tcp", "127.0.0.1:0")
@@ -226,8 +223,10 @@ func hostile(network, addr string) {
 	c2.Close()
 	udp, _ := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
 	offer("datagram", udp)
-	// A connection the master never offered: a protocol violation.
-	ch.send(&handoff.Message{Type: handoff.TypeAccept, Conn: 1 << 40})
+	// Not a socket at all: a protocol violation (its close could block).
+	var p [2]int
+	unix.Pipe2(p[:], unix.O_CLOEXEC)
+	offer("pipe", p[0])
 	emit(report{Op: "hostile", Arg: "done"})
 	time.Sleep(time.Minute)
 }

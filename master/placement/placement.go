@@ -99,9 +99,12 @@ func (p *Placer) Sync(groups map[string][]Member) error {
 	}
 	var errs []error
 	for name, ms := range groups {
+		if len(ms) == 0 {
+			continue
+		}
 		g := p.groups[name]
 		if g == nil {
-			if len(ms) == 0 || len(p.groups) >= MaxGroups {
+			if len(p.groups) >= MaxGroups {
 				continue
 			}
 			var err error
@@ -111,6 +114,10 @@ func (p *Placer) Sync(groups map[string][]Member) error {
 			}
 			p.groups[name] = g
 		}
+		// Attach again at every sync: a worker holding a member could
+		// have replaced or detached the program (any socket of the group
+		// may), and this puts the master's back.
+		_ = unix.SetsockoptInt(ms[0].FD, unix.SOL_SOCKET, unix.SO_ATTACH_REUSEPORT_EBPF, g.prog.FD())
 		if err := g.set(ms); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name, err))
 		}
