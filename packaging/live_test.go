@@ -604,9 +604,12 @@ func TestDebUpgradeUnderLoad(t *testing.T) {
 	if fi, err := os.Lstat(m.controlPath()); err != nil || fi.Mode()&os.ModeSocket == 0 {
 		t.Fatalf("no control socket %s: %v", m.controlPath(), err)
 	}
+	// One socket per worker slot (--spread even, the default: a reuseport
+	// group), every one held by the master.
 	inodes := listenInodes(t, port)
-	if len(inodes) != 1 || !holdsSocket(m.pid, inodes[0]) {
-		t.Fatalf("sockets listening on %s: %v; want one, the master's", addr, inodes)
+	slices.Sort(inodes)
+	if len(inodes) != 2 || !holdsSocket(m.pid, inodes[0]) || !holdsSocket(m.pid, inodes[1]) {
+		t.Fatalf("sockets listening on %s: %v; want two (one per slot), the master's", addr, inodes)
 	}
 	oldWorkers := before.workerPIDs(1)
 	if len(oldWorkers) != 2 {
@@ -680,8 +683,10 @@ func TestDebUpgradeUnderLoad(t *testing.T) {
 	if after.Upgrade != "" {
 		t.Errorf("an upgrade is still in progress: %q", after.Upgrade)
 	}
-	if got := listenInodes(t, port); !slices.Equal(got, inodes) || !holdsSocket(after.PID, inodes[0]) {
-		t.Errorf("sockets listening on %s: %v, before the upgrade %v: want the same socket, held by the new master %d", addr, got, inodes, after.PID)
+	got := listenInodes(t, port)
+	slices.Sort(got)
+	if !slices.Equal(got, inodes) || !holdsSocket(after.PID, inodes[0]) || !holdsSocket(after.PID, inodes[1]) {
+		t.Errorf("sockets listening on %s: %v, before the upgrade %v: want the same sockets, held by the new master %d", addr, got, inodes, after.PID)
 	}
 	if ms := installedMasters(); !slices.Equal(ms, []int{after.PID}) {
 		t.Errorf("masters running %s: %v; want only the new one, %d", binPath, ms, after.PID)
