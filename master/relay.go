@@ -46,13 +46,12 @@ const (
 // sockRef is what the master knows of a socket a worker got through a
 // listen, for checking what that worker hands over for it.
 type sockRef struct {
-	key  handoff.Key
 	unix bool // a unix socket; otherwise an internet one bound to port
 	port int
 }
 
-func newSockRef(k handoff.Key, network, addr string) sockRef {
-	r := sockRef{key: k, unix: strings.HasPrefix(network, "unix")}
+func newSockRef(network, addr string) sockRef {
+	r := sockRef{unix: strings.HasPrefix(network, "unix")}
 	if !r.unix {
 		if _, p, err := net.SplitHostPort(addr); err == nil {
 			r.port, _ = strconv.Atoi(p)

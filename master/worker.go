@@ -469,7 +469,7 @@ func (w *child) listen(req *handoff.ListenRequest, reply *handoff.Message) int {
 	}
 	reply.Network, reply.Address, reply.Key = s.Network, s.Addr, k.String()
 	w.m.mu.Lock()
-	w.socks[reply.Key] = newSockRef(k, s.Network, s.Addr)
+	w.socks[reply.Key] = newSockRef(s.Network, s.Addr)
 	w.m.mu.Unlock()
 	w.log.Debug("listener handed over", events.Key, events.ListenerHandedOver, "key", s.Key.String(), "addr", s.Addr)
 	return fd

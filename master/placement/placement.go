@@ -68,7 +68,6 @@ type group struct {
 	order *ebpf.Map      // i -> slot, for i < n (ARRAY of u32)
 	state *ebpf.Map      // one value: the round-robin counter and n (u32 each)
 	at    map[int]uint64 // slot -> the cookie of the socket at that index of socks
-	n     int
 }
 
 // New returns a placer with no groups.
@@ -266,7 +265,6 @@ func (g *group) set(ms []Member) error {
 	if err := g.state.Update(uint32(0), v, ebpf.UpdateAny); err != nil {
 		errs = append(errs, fmt.Errorf("member count: %w", err))
 	}
-	g.n = len(active)
 	return errors.Join(errs...)
 }
 
