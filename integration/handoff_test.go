@@ -24,6 +24,14 @@ import (
 // Connection hand-off: a draining generation's connections move to the
 // next one instead of being closed.
 
+// handoffRequest bounds one request or line of the hand-off tests' clients
+// (a slower answer fails the test). A request that arrives while its
+// connection is in transit waits for the move: at most the master's relay
+// bound (1 s) and the adopter's accept bound (0.5 s) before the connection
+// goes back to its sender, which answers; the rest is room for a
+// race-enabled build on two CPUs.
+const handoffRequest = 3 * time.Second
+
 // exampleMaster runs the example server with workers workers on a fresh
 // loopback port and waits until it serves.
 func exampleMaster(t *testing.T, workers int, extra ...string) (*proc, string) {
@@ -122,7 +130,7 @@ func poolClient(addr string, minGap, maxGap time.Duration, probe bool, stop <-ch
 			st.reconnect++
 			st.mu.Unlock()
 		}
-		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		conn.SetDeadline(time.Now().Add(handoffRequest))
 		if _, err := io.WriteString(conn, "GET / HTTP/1.1\r\nHost: pool\r\n\r\n"); err != nil {
 			st.fail("write: " + err.Error())
 			drop()
@@ -251,7 +259,7 @@ func TestHandoffExactlyOnce(t *testing.T) {
 				case <-time.After(time.Duration(rand.IntN(20)) * time.Millisecond):
 				}
 				id := fmt.Sprintf("c%d-%d", c, i)
-				conn.SetDeadline(time.Now().Add(10 * time.Second))
+				conn.SetDeadline(time.Now().Add(handoffRequest))
 				_, err := fmt.Fprintf(conn, "POST / HTTP/1.1\r\nHost: once\r\nX-Request-Id: %s\r\nContent-Length: 5\r\n\r\nhello", id)
 				var resp *http.Response
 				if err == nil {
@@ -360,7 +368,7 @@ func TestHandoffLineProtocol(t *testing.T) {
 	// say sends one line and checks the answer: the next line count, the
 	// nick set at the start.
 	say := func(i int, cl *client, text string) error {
-		cl.conn.SetDeadline(time.Now().Add(10 * time.Second))
+		cl.conn.SetDeadline(time.Now().Add(handoffRequest))
 		if _, err := fmt.Fprintf(cl.conn, "%s\n", text); err != nil {
 			return err
 		}

@@ -947,12 +947,15 @@ func (l *loader) client() {
 		}
 		pid, _ := strconv.Atoi(resp.Header.Get("X-Pid"))
 		gen, _ := strconv.Atoi(resp.Header.Get("X-Generation"))
-		if d := time.Since(sent); d > slowRequest {
+		slow := time.Since(sent) > slowRequest
+		if slow {
 			// An upgrade must not stall clients either.
-			l.fail(failure{err: fmt.Sprintf("answered after %s (the bound is %s)", d.Round(time.Millisecond), slowRequest), lastPid: lastPid})
+			l.fail(failure{err: fmt.Sprintf("answered after %s (the bound is %s)", time.Since(sent).Round(time.Millisecond), slowRequest), lastPid: lastPid})
 		}
 		l.mu.Lock()
-		l.ok++
+		if !slow {
+			l.ok++
+		}
 		l.slowest = max(l.slowest, time.Since(sent))
 		l.byGen[gen]++
 		l.byPid[pid]++

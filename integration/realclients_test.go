@@ -51,7 +51,11 @@ func TestWrk(t *testing.T) {
 	p := startMaster(t, masterOpts{args: []string{"-w", "2", "--pid-file", pidFile, "--", binPath("example-server"), "-listen", "127.0.0.1:0"}})
 	p.waitServing()
 	addr := p.listenAddr(5 * time.Second)
-	cmd := exec.Command(wrk, "-t", "2", "-c", "32", "-d", "8s", "--latency", "http://"+addr+"/")
+	// wrk runs until it is interrupted after the last upgrade (it prints
+	// its report on SIGINT); -d only bounds a run whose test died. Its
+	// default timeout (2 s) is the request bound: a slower answer shows up
+	// as a socket error.
+	cmd := exec.Command(wrk, "-t", "2", "-c", "32", "-d", "300s", "--latency", "http://"+addr+"/")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
@@ -69,6 +73,13 @@ func TestWrk(t *testing.T) {
 	})
 	time.Sleep(300 * time.Millisecond)
 	rollThrough(t, p, pidFile)
+	select {
+	case err := <-done:
+		done <- err
+		t.Fatalf("wrk ended before the last upgrade did: %v\n%s", err, out.String())
+	default:
+	}
+	cmd.Process.Signal(syscall.SIGINT)
 	select {
 	case err := <-done:
 		done <- err
@@ -170,7 +181,9 @@ backend be
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1, DisableCompression: true}}
+			// The timeout is the bound on one request (slowRequest): a
+			// slower answer counts as a failure.
+			c := &http.Client{Timeout: slowRequest, Transport: &http.Transport{MaxIdleConnsPerHost: 1, DisableCompression: true}}
 			defer c.CloseIdleConnections()
 			for {
 				select {
@@ -290,7 +303,9 @@ http {
 	waitHTTP(t, front, 10*time.Second)
 
 	const clients = 16
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}, Timeout: 10 * time.Second}
+	// The timeout is the bound on one request (slowRequest): a slower
+	// answer counts as a failure.
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: clients, DisableCompression: true}, Timeout: slowRequest}
 	var mu sync.Mutex
 	peers := map[string]int{} // upstream client address -> first generation it was seen in
 	var failures []string
