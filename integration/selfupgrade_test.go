@@ -127,13 +127,21 @@ func TestUpgradeWait(t *testing.T) {
 	if _, gen := get(t, p.listenAddr(time.Second)); gen != 2 {
 		t.Fatalf("generation %d serves after the rollback, want 2", gen)
 	}
+	// A wait that times out is not a rollback: exit 3, and the upgrade
+	// goes on to take over.
+	replaceFile(t, app, []byte("#!/bin/sh\nexec "+binPath("example-server")+" -ready-delay 2s \"$@\"\n"))
+	code, out, errOut = gorolling(t, nil, "upgrade", "--wait", "--timeout", "300ms", "--control", ctl)
+	if code != 3 || !strings.Contains(errOut, "it goes on") {
+		t.Fatalf("slow program, --timeout 300ms: exit %d, stdout %q, stderr %q; want 3 (still running)", code, out, errOut)
+	}
+	p.waitLog(30*time.Second, 0, "generation 4 serving", func(e entry) bool { return e.event() == events.UpgradeFinished && e.num("generation") == 4 })
 	// Without --wait it only starts the upgrade.
 	replaceFile(t, app, good)
 	code, out, _ = gorolling(t, nil, "upgrade", "--control", ctl)
 	if code != 0 || !strings.Contains(out, "upgrade started") {
 		t.Fatalf("upgrade without --wait: %d %q", code, out)
 	}
-	p.waitLog(30*time.Second, 0, "generation 4", func(e entry) bool { return e.event() == events.UpgradeFinished && e.num("generation") == 4 })
+	p.waitLog(30*time.Second, 0, "generation 5", func(e entry) bool { return e.event() == events.UpgradeFinished && e.num("generation") == 5 })
 }
 
 // TestControlSocketSecurity: the socket is 0600; another user cannot

@@ -98,6 +98,16 @@ type Result struct {
 	finished time.Duration
 }
 
+// forKind is the result as told to a caller that asked for kind. A caller that
+// asked for a master upgrade is told it failed even when the request it
+// was merged with then rolled the workers.
+func (r Result) forKind(kind Kind) Result {
+	if kind == Master && r.kind != Master && r.masterErr != nil {
+		return Result{kind: Master, from: r.from, err: r.masterErr, requested: r.requested, finished: r.finished}
+	}
+	return r
+}
+
 // Outcome is the result as the control socket reports it.
 func (r Result) Outcome() control.UpgradeOutcome {
 	o := control.UpgradeOutcome{Kind: r.kind.String(), From: r.from, To: r.to, OK: r.err == nil,
@@ -161,7 +171,25 @@ type Manager struct {
 type request struct {
 	kind    Kind
 	at      time.Time
-	waiters []chan Result
+	waiters []waiter
+}
+
+// waiter is one caller of Trigger: the kind it asked for decides what it
+// is told when a merged request ran as another kind.
+type waiter struct {
+	kind Kind
+	ch   chan Result
+}
+
+// rollsWorkers reports whether a waiter asked for a worker rollover
+// (Workers, or Auto, which rolls the workers when the master cannot go).
+func (r *request) rollsWorkers() bool {
+	for _, w := range r.waiters {
+		if w.kind != Master {
+			return true
+		}
+	}
+	return false
 }
 
 // New returns a manager for m.
@@ -198,7 +226,7 @@ func (u *Manager) Trigger(kind Kind) <-chan Result {
 		u.pending.kind = max(u.pending.kind, kind)
 		u.log.Info("upgrade request coalesced with the queued one", "kind", kind.String(), "queued", u.pending.kind.String())
 	}
-	u.pending.waiters = append(u.pending.waiters, ch)
+	u.pending.waiters = append(u.pending.waiters, waiter{kind, ch})
 	select {
 	case u.wake <- struct{}{}:
 	default:
@@ -240,12 +268,12 @@ func (u *Manager) Run() error {
 		if req == nil {
 			continue
 		}
-		res := u.run(req.at, req.kind)
+		res := u.run(req.at, req.kind, req.rollsWorkers())
 		if u.cfg.Finished != nil {
 			u.cfg.Finished(res.Outcome())
 		}
 		for _, w := range req.waiters {
-			w <- res
+			w.ch <- res.forKind(w.kind)
 		}
 		if res.kind == Master && res.err == nil {
 			u.flush(errors.New("the master was replaced; ask the new master"))
@@ -271,7 +299,7 @@ func (u *Manager) flush(err error) {
 	u.mu.Unlock()
 	if req != nil {
 		for _, w := range req.waiters {
-			w <- Result{err: err, requested: req.at, kind: req.kind}
+			w.ch <- Result{err: err, requested: req.at, kind: req.kind}
 		}
 	}
 }
@@ -355,9 +383,13 @@ func (u *Manager) start() error {
 // changed on disk, and otherwise rolls the workers. A broken gorolling
 // binary must not block application deploys: when the master upgrade
 // fails, the same request rolls the workers instead, and later automatic
-// upgrades leave the master alone until the binary changes again.
-func (u *Manager) run(at time.Time, kind Kind) Result {
+// upgrades leave the master alone until the binary changes again. The same
+// fallback runs for a master upgrade that absorbed a worker or automatic
+// request (fallback): a deploy that asked for new workers gets them even
+// if a master upgrade queued beside it fails.
+func (u *Manager) run(at time.Time, kind Kind, fallback bool) Result {
 	auto := kind == Auto
+	fallback = fallback || auto
 	if auto {
 		kind = Workers
 		if u.cfg.Self.binaryChanged() {
@@ -377,7 +409,7 @@ func (u *Manager) run(at time.Time, kind Kind) Result {
 	var res Result
 	if kind == Master {
 		res = u.runMaster(at)
-		if res.err != nil && auto {
+		if res.err != nil && fallback {
 			u.log.Warn("master upgrade failed; upgrading the workers instead", events.Key, events.MasterUpgradeFallback, "reason", res.err.Error())
 			merr := res.err
 			res = u.runWorkers(at)

@@ -194,7 +194,9 @@ func TestRollbackOnTimeout(t *testing.T) {
 
 // TestCoalescing: requests made while an upgrade runs become one more
 // upgrade after it, of the largest kind asked: a master upgrade absorbs
-// worker upgrades. Every request gets that one result.
+// worker upgrades. When that master upgrade fails, the worker upgrades it
+// absorbed still run: those callers get the rollover, the one that asked
+// for the master its failure.
 func TestCoalescing(t *testing.T) {
 	release := make(chan error)
 	fl := &fakeFleet{ready: func(n int) chan error {
@@ -208,8 +210,9 @@ func TestCoalescing(t *testing.T) {
 	for fl.started() < 2 {
 		time.Sleep(time.Millisecond)
 	}
+	kinds := []Kind{Workers, Auto, Master, Workers}
 	var later []<-chan Result
-	for _, k := range []Kind{Workers, Auto, Master, Workers} {
+	for _, k := range kinds {
 		later = append(later, u.Trigger(k))
 	}
 	release <- nil
@@ -218,14 +221,34 @@ func TestCoalescing(t *testing.T) {
 	}
 	for i, ch := range later {
 		r := result(t, ch)
-		// This process has no Self: the master upgrade fails, as it must,
-		// without starting a generation.
-		if r.kind != Master || r.err == nil || !strings.Contains(r.err.Error(), "not available") {
-			t.Fatalf("request %d: %+v, want the one master upgrade", i, r)
+		if kinds[i] == Master {
+			// This process has no Self: the master upgrade fails, as it
+			// must, without starting a generation of its own.
+			if r.kind != Master || r.err == nil || !strings.Contains(r.err.Error(), "not available") {
+				t.Fatalf("request %d (master): %+v, want the master upgrade's failure", i, r)
+			}
+			continue
+		}
+		if r.kind != Workers || r.err != nil || r.to != 3 || r.masterErr == nil {
+			t.Fatalf("request %d (%s): %+v, want the one rollover to generation 3 after the master upgrade failed", i, kinds[i], r)
 		}
 	}
-	if n := fl.started(); n != 2 {
-		t.Fatalf("%d generations started, want 2 (the first and one upgrade)", n)
+	if n := fl.started(); n != 3 {
+		t.Fatalf("%d generations started, want 3 (the first, the upgrade, the fallback)", n)
+	}
+}
+
+// TestMasterOnlyFailureRollsNothing: a master upgrade nobody merged a
+// worker request into fails on its own; no generation starts.
+func TestMasterOnlyFailureRollsNothing(t *testing.T) {
+	fl := &fakeFleet{ready: func(int) chan error { return readyAt(nil) }}
+	u, _, _ := run(t, fl, 5*time.Second)
+	r := result(t, u.Trigger(Master))
+	if r.kind != Master || r.err == nil {
+		t.Fatalf("master upgrade without Self: %+v, want a failure", r)
+	}
+	if n := fl.started(); n != 1 {
+		t.Fatalf("%d generations started, want only the first", n)
 	}
 }
 

@@ -200,6 +200,12 @@ func runUpgrade(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gorolling upgrade: %v\n", err)
 		return 1
 	}
+	if resp.InProgress {
+		// Not a rollback: the new generation may still take over. A
+		// deploy script must not undo the release on this code.
+		fmt.Fprintf(stderr, "gorolling upgrade: %s (see gorolling status)\n", resp.Error)
+		return 3
+	}
 	if !resp.OK {
 		fmt.Fprintf(stderr, "gorolling upgrade: failed: %s\n", resp.Error)
 		return 1

@@ -192,7 +192,9 @@ of workers from the program on disk and drains the old one.
 
 With --wait it blocks until the upgrade has finished, and exits 0 only if the
 new generation (or master) took over; otherwise it exits 1 and prints why the
-upgrade was rolled back. Deploy scripts use: gorolling upgrade --wait --name NAME`
+upgrade was rolled back. If --timeout passes first it exits 3: the upgrade
+goes on, neither taken over nor rolled back yet (see status). Deploy scripts
+use: gorolling upgrade --wait --name NAME`
 
 func usage(w io.Writer) {
 	fmt.Fprint(w, "gorolling runs a program as N worker processes that share listening sockets,\nand on SIGHUP replaces them with a new generation without dropping a request.\n\nUsage:\n")

@@ -64,6 +64,9 @@ type Response struct {
 	Status  *Status         `json:"status,omitempty"`
 	Upgrade *UpgradeOutcome `json:"upgrade,omitempty"`
 	Workers int             `json:"workers,omitempty"`
+	// InProgress, with an error, says the wait timed out while the
+	// upgrade goes on: neither taken over nor rolled back yet.
+	InProgress bool `json:"in_progress,omitempty"`
 }
 
 // UpgradeOutcome is the result of an upgrade.

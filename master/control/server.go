@@ -352,7 +352,7 @@ func execute(req Request, h Handler) Response {
 		case out := <-ch:
 			return Response{OK: out.OK, Error: out.Error, Upgrade: &out}
 		case <-ctx.Done():
-			return Response{Error: fmt.Sprintf("timed out after %s waiting for the upgrade; it goes on", timeout)}
+			return Response{Error: fmt.Sprintf("timed out after %s waiting for the upgrade; it goes on", timeout), InProgress: true}
 		}
 	case "scale":
 		n, err := h.Scale(req.Workers, req.Delta)
