@@ -9,6 +9,7 @@ import (
 
 	"github.com/gorolling/gorolling/handoff"
 	"github.com/gorolling/gorolling/master/events"
+	"github.com/gorolling/gorolling/master/placement"
 )
 
 // genState is where a generation is in its life.
@@ -421,8 +422,9 @@ func (m *Master) collect() {
 }
 
 // MaxWorkers bounds the number of workers per generation (Config.Workers,
-// Scale).
-const MaxWorkers = 1024
+// Scale): a slot is a member index of each reuseport group that even
+// spreading steers.
+const MaxWorkers = placement.MaxMembers
 
 // Size returns the number of workers per generation.
 func (m *Master) Size() int {

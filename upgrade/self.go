@@ -195,10 +195,6 @@ func (s *Self) ParentGone() <-chan struct{} {
 // systemd (MAINPID=): what it sends from then on is not believed.
 func (s *Self) HandedOver() bool { return s != nil && s.handedOver.Load() }
 
-// PID1 reports whether this master is pid 1 (a container's init), which
-// cannot re-exec itself as a new process.
-func (s *Self) PID1() bool { return s != nil && s.pid1 }
-
 // errPID1 refuses a master self-upgrade as pid 1.
 var errPID1 = errors.New("gorolling runs as pid 1 (the container's init): a master self-upgrade starts a new master with another pid, and the old one's exit would end the container. HUP still rolls the workers; to run a new gorolling, restart the container from a new image")
 

@@ -347,9 +347,13 @@ func (p *proc) context() context.Context {
 // instead of ending the program: the master sends SIGTERM right after its
 // drain message, and a shell's Ctrl-C should drain a standalone run too. A
 // second such signal, a second or more after the first, ends the program
-// with the signal's default action. It is idempotent; handlers the program
-// installed itself keep receiving the signals (os/signal delivers to every
-// channel). ServeHTTP calls it unless told not to.
+// with the signal's default action. It is idempotent. Until that second
+// signal, handlers the program installed itself receive the signals too
+// (os/signal delivers to every channel); the second one resets them all
+// and ends the program, so a program that must decide itself what a
+// repeated signal does should not call HandleSignals and should handle
+// SIGTERM itself; Draining still reports the master's drain message
+// (ServeHTTP calls HandleSignals unless HTTPOptions.OwnSignals is set).
 func HandleSignals() { std.handleSignals() }
 
 func (p *proc) handleSignals() {

@@ -44,8 +44,8 @@ type Metrics struct {
 
 // Outcomes of an upgrade, as the "outcome" label gives them.
 const (
-	OutcomeOK         = "ok"
-	OutcomeRolledBack = "rolled_back"
+	outcomeOK         = "ok"
+	outcomeRolledBack = "rolled_back"
 )
 
 // New returns the metrics of a master whose status status returns, and of
@@ -63,7 +63,7 @@ func New(status func() control.Status, version string) *Metrics {
 	// Both kinds and outcomes exist from the start, at zero, so that a
 	// rate over them is defined before the first upgrade.
 	for _, kind := range []string{"workers", "master"} {
-		for _, out := range []string{OutcomeOK, OutcomeRolledBack} {
+		for _, out := range []string{outcomeOK, outcomeRolledBack} {
 			m.upgrades[[2]string{kind, out}] = set.NewCounter(fmt.Sprintf(`gorolling_upgrades_total{kind=%q,outcome=%q}`, kind, out))
 		}
 	}
@@ -74,9 +74,9 @@ func New(status func() control.Status, version string) *Metrics {
 // account of it): by kind and outcome, its duration, and for a rollback
 // the reason.
 func (m *Metrics) UpgradeFinished(o control.UpgradeOutcome) {
-	out := OutcomeOK
+	out := outcomeOK
 	if !o.OK {
-		out = OutcomeRolledBack
+		out = outcomeRolledBack
 	}
 	kind := o.Kind
 	if kind != "master" {

@@ -71,9 +71,6 @@ func NewStore(n *Notifier, max int) (*Store, error) {
 	return &Store{n: n, max: max, held: map[string]identity{}, blobs: map[string]int{}}, nil
 }
 
-// Max returns the store's size, 0 if unknown.
-func (s *Store) Max() int { return s.max }
-
 // Assume records that the store holds fd under name already: the
 // descriptor came back from it through LISTEN_FDS.
 func (s *Store) Assume(name string, fd int) {
