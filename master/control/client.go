@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -61,29 +62,53 @@ func Sockets(dir string) []string {
 	return matches
 }
 
-// Find picks a control socket: path if set, else the one of name, else the
-// only socket in DefaultDir.
+// Find picks a control socket: path if set; else the one of name, in the
+// first of SearchDirs (that is this user's own) that has it; else the only
+// socket there that a master still listens on. It looks where ls does, so
+// a master ls lists under the temp-directory fallback is found by name.
 func Find(path, name string) (string, error) {
-	return find(path, name, DefaultDir())
+	var dirs []string
+	for _, d := range SearchDirs() {
+		if d == DefaultDir() || PrivateDir(d) {
+			dirs = append(dirs, d)
+		}
+	}
+	return find(path, name, dirs)
 }
 
-func find(path, name, dir string) (string, error) {
+func find(path, name string, dirs []string) (string, error) {
 	if path != "" {
 		return path, nil
 	}
 	if name != "" {
-		return filepath.Join(dir, name+".sock"), nil
+		for _, d := range dirs {
+			p := filepath.Join(d, name+".sock")
+			if _, err := os.Lstat(p); err == nil {
+				return p, nil
+			}
+		}
+		// Not there: connecting to the default path says so.
+		return filepath.Join(dirs[0], name+".sock"), nil
 	}
-	matches := Sockets(dir)
-	switch len(matches) {
+	var live, names []string
+	for _, d := range dirs {
+		for _, m := range Sockets(d) {
+			// A socket file whose master died (kill -9) refuses: it is
+			// not a master to choose from.
+			if c, err := net.DialTimeout("unix", m, time.Second); err == nil {
+				c.Close()
+			} else if errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ENOENT) {
+				continue
+			}
+			live = append(live, m)
+			names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
+		}
+	}
+	switch len(live) {
 	case 0:
-		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", dir)
+		return "", fmt.Errorf("no master found in %s (is one running? give --name or --control)", strings.Join(dirs, " or "))
 	case 1:
-		return matches[0], nil
-	}
-	var names []string
-	for _, m := range matches {
-		names = append(names, strings.TrimSuffix(filepath.Base(m), ".sock"))
+		return live[0], nil
 	}
 	return "", fmt.Errorf("several masters run (%s): pick one with --name; gorolling ls lists them", strings.Join(names, ", "))
 }
