@@ -17,7 +17,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/gorolling/gorolling/master/control"
 	"github.com/gorolling/gorolling/master/events"
 )
 
@@ -31,28 +30,6 @@ import (
 // goes back to its sender, which answers; the rest is room for a
 // race-enabled build on two CPUs.
 const handoffRequest = 3 * time.Second
-
-// exampleMaster runs the example server with workers workers on a fresh
-// loopback port and waits until it serves.
-func exampleMaster(t *testing.T, workers int, extra ...string) (*proc, string) {
-	t.Helper()
-	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
-	args := append([]string{"-w", strconv.Itoa(workers), "--", binPath("example-server"), "-listen", addr}, extra...)
-	p := startMaster(t, masterOpts{args: args})
-	p.waitServing()
-	waitHTTP(t, addr, 10*time.Second)
-	return p, addr
-}
-
-// masterStatus asks the master for its status.
-func masterStatus(t *testing.T, p *proc) control.Status {
-	t.Helper()
-	resp, err := control.Call(p.controlPath(), control.Request{Cmd: "status"}, 10*time.Second)
-	if err != nil || resp.Status == nil {
-		t.Fatalf("status: %v", err)
-	}
-	return *resp.Status
-}
 
 // waitFDs waits until the master has want descriptors open.
 func waitFDs(t *testing.T, pid, want int, when string) {
