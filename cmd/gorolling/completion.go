@@ -42,6 +42,12 @@ func runCompletion(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprint(stdout, "#compdef gorolling\nautoload -U +X bashcompinit && bashcompinit\n")
 	}
 	writeBashCompletion(stdout)
+	if args[0] == "zsh" {
+		// Autoloaded from $fpath, this file runs as the body of _gorolling
+		// at the first Tab: it has only defined the completion then, so
+		// complete this first request too.
+		fmt.Fprint(stdout, "if [[ ${funcstack[1]-} == _gorolling ]]; then _bash_complete -o default -F _gorolling \"$@\"; fi\n")
+	}
 	return 0
 }
 

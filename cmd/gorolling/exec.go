@@ -90,9 +90,11 @@ now, waits until every new worker is ready, then drains the old generation; a
 new worker that exits or is not ready within --ready-timeout rolls the upgrade
 back. TERM or INT drains everything and exits 0.
 
-The exit status is 0 after a clean stop, 1 when the first generation cannot
-start (program not found or not executable, every worker exits before it is
-ready, none ready in time), 2 for bad usage.`
+The exit status is 0 after a clean stop; 1 when the master cannot start
+(program not found or not executable, every worker exits before it is ready,
+none ready in time, a --listen socket or the --chdir directory that cannot be
+used, a control socket in use or a control directory that is not private);
+2 for bad usage.`
 
 func parseSignal(s string) (syscall.Signal, error) {
 	if n, err := strconv.Atoi(s); err == nil {

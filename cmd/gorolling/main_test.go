@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -106,6 +107,73 @@ func TestBashCompletion(t *testing.T) {
 		if !found {
 			t.Errorf("%q completes to %v, want %q among them", words, got, want)
 		}
+	}
+}
+
+// TestZshCompletion installs the zsh script the way the help says (a
+// _gorolling file in $fpath, autoloaded by compinit) and presses Tab in a
+// real interactive zsh on a pseudo-terminal: the first Tab completes
+// already, and so does the next.
+func TestZshCompletion(t *testing.T) {
+	zsh, err := exec.LookPath("zsh")
+	if err != nil {
+		if os.Getenv("GOROLLING_CI") != "" {
+			t.Fatal("zsh is not installed; .ci/run installs it")
+		}
+		t.Skip("zsh is not installed (CI installs it; see .ci/run)")
+	}
+	dir := t.TempDir()
+	fn := filepath.Join(dir, "fn")
+	if err := os.Mkdir(fn, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var script bytes.Buffer
+	if code := run([]string{"completion", "zsh"}, &script, &bytes.Buffer{}); code != 0 {
+		t.Fatalf("completion zsh: exit %d", code)
+	}
+	if err := os.WriteFile(filepath.Join(fn, "_gorolling"), script.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// The completion only needs the command to exist (the names after
+	// --name come from running it, which these words do not reach).
+	if err := os.WriteFile(filepath.Join(dir, "gorolling"), []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A zsh script drives the interactive one through zsh/zpty: type a
+	// word and Tab, then print a marker and read what the line became.
+	driver := `zmodload zsh/zpty
+zpty -b z "PATH=$DIR:\$PATH HOME=$DIR TERM=dumb zsh -f -i"
+zpty -w z "PS1='> '; fpath=($DIR/fn \$fpath); autoload -Uz compinit; compinit -u"
+sleep 0.5
+zpty -w -n z $'gorolling sta\t'
+sleep 1
+zpty -w z $'\x15echo MARK1'
+zpty -w -n z $'gorolling sto\t'
+sleep 1
+zpty -w z $'\x15echo MARK2'
+sleep 0.5
+out=""
+while zpty -r -t z line; do out+="$line"; done
+print -r -- "$out"
+zpty -d z
+`
+	cmd := exec.Command(zsh, "-f", "-c", driver)
+	cmd.Env = append(os.Environ(), "DIR="+dir)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("zsh: %v\n%s", err, out)
+	}
+	// Strip the terminal's escapes before looking at the lines.
+	text := regexp.MustCompile(`\x1b\[[0-9;?]*[a-zA-Z]`).ReplaceAllString(strings.ReplaceAll(string(out), "\r", ""), "")
+	first, second, ok := strings.Cut(text, "MARK1")
+	if !ok || !strings.Contains(second, "MARK2") {
+		t.Fatalf("the driver did not get through both words:\n%q", text)
+	}
+	if !strings.Contains(first, "gorolling status") {
+		t.Errorf("the first Tab after \"gorolling sta\" did not complete to \"gorolling status\":\n%q", first)
+	}
+	if !strings.Contains(second, "gorolling stop") {
+		t.Errorf("the second Tab after \"gorolling sto\" did not complete to \"gorolling stop\":\n%q", second)
 	}
 }
 

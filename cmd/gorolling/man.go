@@ -27,8 +27,27 @@ func paragraphs(w io.Writer, text string) {
 		if i > 0 {
 			fmt.Fprintln(w, ".PP")
 		}
+		if lines := strings.Split(p, "\n"); indented(lines) {
+			// An indented block (commands to type) keeps its lines.
+			fmt.Fprintln(w, ".nf")
+			for _, l := range lines {
+				fmt.Fprintln(w, roff(strings.TrimPrefix(l, "  ")))
+			}
+			fmt.Fprintln(w, ".fi")
+			continue
+		}
 		fmt.Fprintln(w, roff(strings.Join(strings.Fields(p), " ")))
 	}
+}
+
+// indented reports whether every line starts with two spaces.
+func indented(lines []string) bool {
+	for _, l := range lines {
+		if !strings.HasPrefix(l, "  ") {
+			return false
+		}
+	}
+	return len(lines) > 0
 }
 
 // writeMan writes gorolling(1) in roff, from the same command table and
@@ -96,10 +115,10 @@ Go programs use the package github.com/gorolling/gorolling/worker. Programs in o
 	fmt.Fprintln(w, ".SH ENVIRONMENT")
 	paragraphs(w, `Every worker gets GOROLLING_FD (its handoff channel), GOROLLING_SLOT (0..N-1, reused by the slot's replacement and by the next generation), GOROLLING_WORKER_ID (unique, never reused) and GOROLLING_GENERATION (1, 2, ...). The master's own LISTEN_*, NOTIFY_SOCKET, FDSTORE, WATCHDOG_* and GOROLLING_* variables are not passed on.`)
 	fmt.Fprintln(w, ".SH FILES")
-	fmt.Fprintln(w, ".TP\n.B /run/gorolling/NAME.sock\nthe control socket of the master of service NAME (as root; else under $XDG_RUNTIME_DIR/gorolling)")
+	fmt.Fprintln(w, ".TP\n.B /run/gorolling/NAME.sock\nthe control socket of the master of service NAME (as root; else under $XDG_RUNTIME_DIR/gorolling, or /tmp/gorolling-UID without $XDG_RUNTIME_DIR), beside NAME.sock.lock, which keeps a second master of the same name out and stays after a stop")
 	fmt.Fprintln(w, ".TP\n.B /etc/gorolling/NAME.conf\nOPTIONS and COMMAND of the systemd unit gorolling@NAME.service (packaged installs)")
 	fmt.Fprintln(w, ".SH EXIT STATUS")
-	paragraphs(w, `0 after a clean stop; 1 when the first generation cannot start; 2 for bad usage.`)
+	paragraphs(w, `exec: 0 after a clean stop; 1 when the master cannot start (the first generation cannot start, a --listen socket or the --chdir directory cannot be used, the control socket is in use or its directory is not private); 2 for bad usage. upgrade --wait: 0 once the new generation (or master) serves, 1 if the upgrade was rolled back, 3 if --timeout passed while it goes on. The other commands: 0 on success, 1 on failure, 2 for bad usage.`)
 	fmt.Fprintln(w, ".SH SEE ALSO")
 	fmt.Fprintln(w, `.BR systemd.socket (5),`)
 	fmt.Fprintln(w, `.BR sd_notify (3)`)
