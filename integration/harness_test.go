@@ -93,17 +93,20 @@ func (e entry) num(k string) int {
 
 // proc is a gorolling master started by a test.
 type proc struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	pid    int
-	mu     sync.Mutex
-	logs   []entry
-	lines  []string
-	stdout bytes.Buffer
-	wake   chan struct{}
-	done   chan struct{}
-	state  *os.ProcessState
-	pidNS  bool
+	t     *testing.T
+	cmd   *exec.Cmd
+	pid   int
+	mu    sync.Mutex
+	logs  []entry
+	lines []string
+	// started are the workers the master logged as online, with their
+	// start times (under mu).
+	started []startedProc
+	stdout  bytes.Buffer
+	wake    chan struct{}
+	done    chan struct{}
+	state   *os.ProcessState
+	pidNS   bool
 }
 
 type masterOpts struct {
@@ -160,6 +163,14 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 			p.lines = append(p.lines, line)
 			if json.Unmarshal([]byte(line), &e) == nil {
 				p.logs = append(p.logs, e)
+				if e.event() == events.WorkerOnline {
+					// Which process it is, read while it surely runs: the
+					// leak check below then needs no guess from its binary
+					// (Python and Node workers run no binary of ours).
+					if st, err := procfs.ReadStat(e.num("pid")); err == nil {
+						p.started = append(p.started, startedProc{pid: e.num("pid"), start: st.Start})
+					}
+				}
 			}
 			close(p.wake)
 			p.wake = make(chan struct{})
@@ -276,15 +287,32 @@ func (p *proc) cleanup() {
 	// leak the test must report, not hide. Workers of a master that was
 	// killed (a test's kill -9) drain by themselves; they get their drain
 	// timeout's worth of time.
-	for _, pid := range p.allWorkerPIDs() {
-		for end := time.Now().Add(35 * time.Second); alive(pid) && ours(pid); time.Sleep(20 * time.Millisecond) {
+	p.mu.Lock()
+	started := append([]startedProc(nil), p.started...)
+	p.mu.Unlock()
+	for _, w := range started {
+		for end := time.Now().Add(35 * time.Second); w.running(); time.Sleep(20 * time.Millisecond) {
 			if time.Now().After(end) {
-				p.t.Errorf("worker %d outlived its master; killing it", pid)
-				syscall.Kill(pid, syscall.SIGKILL)
+				p.t.Errorf("worker %d outlived its master; killing it", w.pid)
+				syscall.Kill(w.pid, syscall.SIGKILL)
 				break
 			}
 		}
 	}
+}
+
+// startedProc is one process a master started: its pid and its start
+// time, which tell it from a later process that got the same pid.
+type startedProc struct {
+	pid   int
+	start uint64
+}
+
+// running reports whether that very process still runs (a zombie does
+// not).
+func (s startedProc) running() bool {
+	st, err := procfs.ReadStat(s.pid)
+	return err == nil && st.State != 'Z' && st.Start == s.start
 }
 
 // stopWrapper ends the master's wrapper process and what runs under it:

@@ -25,6 +25,9 @@ type Stat struct {
 	// CPU is the processor time the process used so far, user and system
 	// (its own threads, not its children).
 	CPU time.Duration
+	// Start is when the process started, in clock ticks after boot: with
+	// the pid, it names one process even after the pid is reused.
+	Start uint64
 }
 
 // clockTick is the unit of the CPU times in /proc/PID/stat: USER_HZ, 100
@@ -64,6 +67,10 @@ func ReadStat(pid int) (Stat, error) {
 		if err1 == nil && err2 == nil {
 			st.CPU = time.Duration(ut+sy) * clockTick
 		}
+	}
+	if len(f) > 19 {
+		// Field 22 of the line: starttime.
+		st.Start, _ = strconv.ParseUint(f[19], 10, 64)
 	}
 	return st, nil
 }

@@ -19,6 +19,17 @@ func TestReadStat(t *testing.T) {
 	if !Running(os.Getpid()) {
 		t.Fatal("this process does not run")
 	}
+	// A child started after this process has a later start time.
+	child := exec.Command("sleep", "1")
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	cst, err := ReadStat(child.Process.Pid)
+	child.Process.Kill()
+	child.Wait()
+	if err != nil || st.Start == 0 || cst.Start < st.Start {
+		t.Fatalf("start times: self %d, child %d (%v); want a nonzero self and a child no earlier", st.Start, cst.Start, err)
+	}
 	// Spin: the counter must move (by clock ticks), however busy the
 	// machine is, within 5 s of wall time.
 	end := time.Now().Add(5 * time.Second)
