@@ -119,6 +119,10 @@ type masterOpts struct {
 	dir   string
 	env   []string
 	files []*os.File // become fds 3, 4, ...
+	// tty, if set, is a terminal the master gets as its stdin, its stdout
+	// and its session's controlling terminal, as when an operator starts
+	// it from a shell.
+	tty *os.File
 }
 
 // startMaster runs "gorolling exec --log-format json --log-level debug ARGS".
@@ -143,6 +147,10 @@ func startMaster(t *testing.T, o masterOpts) *proc {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	p := &proc{t: t, cmd: cmd, wake: make(chan struct{}), done: make(chan struct{}), pidNS: o.pidNS}
 	cmd.Stdout = &lockedWriter{mu: &p.mu, w: &p.stdout}
+	if o.tty != nil {
+		cmd.Stdin, cmd.Stdout = o.tty, o.tty
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+	}
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

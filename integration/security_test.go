@@ -7,6 +7,7 @@ package integration
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -223,6 +224,50 @@ func TestAttackForeignReuseportGroup(t *testing.T) {
 			t.Fatalf("the root service accepted %d of 100 connections; the workers took the rest", got)
 		}
 	}
+}
+
+// TestAttackTerminal: an operator starts a root master with --user nobody
+// from a shell. A nobody worker must not be able to push input into that
+// shell through the terminal (TIOCSTI on its stdout, its stderr or
+// /dev/tty), which root would run once the master exits: workers of
+// another account get a session of their own and their output through
+// pipes.
+func TestAttackTerminal(t *testing.T) {
+	requireRoot(t)
+	ptm, pts := openPTY(t)
+	// The terminal's output must be read, or the master blocks on it.
+	go io.Copy(io.Discard, ptm)
+	p, report := nobodyMaster(t, 1, "tiocsti echo INJECTED-BY-NOBODY", masterOpts{tty: pts})
+	rs := waitReports(t, report, 15*time.Second, "the worker's try", func(rs []twReport) bool { return len(opsOf(rs, "tiocsti", 1)) == 1 })
+	if took := opsOf(rs, "tiocsti", 1)[0].Addr; took != "" {
+		t.Errorf("a nobody worker pushed input into the master's terminal through %s", took)
+	}
+	p.signal(syscall.SIGTERM)
+	p.wait(30 * time.Second)
+}
+
+// openPTY opens a pseudo-terminal pair: the master side and the terminal.
+func openPTY(t *testing.T) (ptm, pts *os.File) {
+	t.Helper()
+	fd, err := unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ptm = os.NewFile(uintptr(fd), "/dev/ptmx")
+	t.Cleanup(func() { ptm.Close() })
+	if err := unix.IoctlSetPointerInt(fd, unix.TIOCSPTLCK, 0); err != nil {
+		t.Fatal(err)
+	}
+	n, err := unix.IoctlGetUint32(fd, unix.TIOCGPTN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pts, err = os.OpenFile(fmt.Sprintf("/dev/pts/%d", n), os.O_RDWR|unix.O_NOCTTY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pts.Close() })
+	return ptm, pts
 }
 
 // TestAttackCrashLoopAddresses: a worker that asks for 200 new addresses at

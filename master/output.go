@@ -27,6 +27,12 @@ const (
 	// format (hclog's JSON), with the worker's generation, slot, pid, id
 	// and the stream.
 	OutputJSON
+	// OutputRelayed relays each line as it was written, with its control
+	// bytes made inert: for workers of another account when the master's
+	// output is a terminal, which they must not hold (with the terminal's
+	// descriptor a worker could stop its output, and the master with it,
+	// or send it escape sequences).
+	OutputRelayed
 )
 
 // outputGrace is how long the relay goes on reading a worker's pipes
@@ -130,6 +136,9 @@ func (m *Master) formatLine(line []byte, stream string, w *child) []byte {
 		}
 		b, _ := json.Marshal(rec)
 		return append(b, '\n')
+	}
+	if m.cfg.Output == OutputRelayed {
+		return append(inert(line), '\n')
 	}
 	return fmt.Appendf(nil, "[gen %d slot %d pid %d] %s\n", w.gen.Num, w.Slot, w.pid, inert(line))
 }

@@ -90,8 +90,14 @@ func execStarter(reap bool, log hclog.Logger) starter {
 			ExtraFiles: sp.Files,
 			SysProcAttr: &syscall.SysProcAttr{
 				// A terminal's Ctrl-C reaches the master only; the
-				// master stops the workers in order.
-				Setpgid: true,
+				// master stops the workers in order. A worker of
+				// another account gets a session of its own, which
+				// leaves it no controlling terminal: in the master's
+				// session it could push input into the operator's shell
+				// (TIOCSTI) through the terminal. Either way its process
+				// group is its pid.
+				Setsid:  sp.Cred != nil,
+				Setpgid: sp.Cred == nil,
 				// A second line of defence: workers also see their
 				// handoff channel close when the master dies.
 				Pdeathsig:  syscall.SIGTERM,

@@ -520,10 +520,19 @@ func shimPath(otherUser bool) string {
 // and stderr.
 func workerOutput(o *execOptions) master.Output {
 	switch {
+	case !o.logPrefix && o.user != "" && (isTerminal(1) || isTerminal(2)):
+		// Workers of another account never get the operator's terminal.
+		return master.OutputRelayed
 	case !o.logPrefix:
 		return master.OutputDirect
 	case o.logFormat == "json":
 		return master.OutputJSON
 	}
 	return master.OutputPrefixed
+}
+
+// isTerminal reports whether descriptor fd is a terminal.
+func isTerminal(fd int) bool {
+	_, err := unix.IoctlGetTermios(fd, unix.TCGETS)
+	return err == nil
 }

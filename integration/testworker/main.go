@@ -234,6 +234,26 @@ func main() {
 			r.Env = startEnv[args[0]]
 		case "cwd":
 			r.Addr, _ = os.Getwd()
+		case "tiocsti":
+			// Push a line into the input of whatever terminal the worker
+			// can reach (its stdout, its stderr, /dev/tty): r.Addr lists
+			// where the kernel took it.
+			var took []string
+			try := func(name string, fd int) {
+				for _, c := range []byte(args[0] + "\n") {
+					if err := unix.IoctlSetPointerInt(fd, unix.TIOCSTI, int(c)); err != nil {
+						return
+					}
+				}
+				took = append(took, name)
+			}
+			try("stdout", 1)
+			try("stderr", 2)
+			if f, err := os.OpenFile("/dev/tty", os.O_RDWR, 0); err == nil {
+				try("/dev/tty", int(f.Fd()))
+				f.Close()
+			}
+			r.Addr = strings.Join(took, ",")
 		case "blockall":
 			for _, l := range listeners {
 				if sc, ok := l.(syscall.Conn); ok {
