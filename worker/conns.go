@@ -8,7 +8,6 @@ import (
 	"os"
 	"sync"
 	"syscall"
-	"time"
 
 	"github.com/gorolling/gorolling/handoff"
 	"golang.org/x/sys/unix"
@@ -34,6 +33,14 @@ import (
 // relay connections, or the process is not a gorolling worker. The caller
 // then finishes the connection itself.
 var ErrNotHandedOver = errors.New("gorolling: connection not handed over")
+
+// ErrHandOffUnknown is wrapped by HandOff's error when the master took the
+// connection's offer but gave no answer: it died, or the drain's deadline
+// passed first. Another worker may be serving the connection already, so
+// HandOff has closed this process's copy unread: a connection read by two
+// workers could have its requests answered twice. The caller must not use
+// the connection any more.
+var ErrHandOffUnknown = errors.New("gorolling: the master did not say whether the connection was handed over; it was closed here")
 
 // heldSock is a stream socket the master gave this worker: its key and
 // bound address, for finding which socket a connection came from.
@@ -107,9 +114,14 @@ func (p *proc) relays() (*client, bool) {
 // Call it only while draining, and only once nothing reads from c any
 // more: from then on the bytes the client sends are for the adopter. On
 // success c is closed (this process's copy: the connection lives on in the
-// adopter) and HandOff returns nil. Otherwise it returns an error wrapping
-// ErrNotHandedOver, c is untouched, and the caller finishes it the old way.
-// It waits at most a few seconds for the master's answer.
+// adopter) and HandOff returns nil. If it returns an error wrapping
+// ErrNotHandedOver, c is untouched and the caller finishes it the old way.
+// If the master took the offer and never answered (it died; or the drain's
+// deadline passed first), the error wraps ErrHandOffUnknown and c is
+// closed: it is the one case where a connection is lost rather than risk
+// two workers serving it. The master answers within about two seconds of
+// reading an offer; HandOff waits for that answer as long as the master
+// lives and the drain's deadline has not passed.
 func HandOff(c net.Conn, state, unread []byte) error {
 	return std.handOff(c, state, unread)
 }
@@ -175,10 +187,24 @@ func (p *proc) handOffFD(c net.Conn, key string, state, unread []byte) error {
 		unix.Close(dup)
 		return fmt.Errorf("%w: the master is gone", ErrNotHandedOver)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), handOffWait)
-	defer cancel()
+	// No bound of its own: the master reads offers as earlier ones are
+	// settled (at most 64 of a worker's at a time, each within about two
+	// seconds), so a worker handing over many connections waits its turn.
+	// Past the drain's deadline the worker is about to be stopped anyway.
+	ctx := context.Background()
+	if dl := p.drainDeadline(); !dl.IsZero() {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, dl)
+		defer cancel()
+	}
 	r, err := cl.request(ctx, &handoff.Message{Type: handoff.TypeHandoff, Key: key, State: state, Unread: unread}, dup)
 	unix.Close(dup)
+	if errors.Is(err, errUnanswered) {
+		// The master has the offer and may have given it to another
+		// worker: this copy must not be read again.
+		c.Close()
+		return fmt.Errorf("%w: %v", ErrHandOffUnknown, err)
+	}
 	if err != nil {
 		return fmt.Errorf("%w: %v", ErrNotHandedOver, err)
 	}
@@ -188,11 +214,6 @@ func (p *proc) handOffFD(c net.Conn, key string, state, unread []byte) error {
 	}
 	return nil
 }
-
-// handOffWait bounds the wait for the master's answer to an offer. The
-// master answers within two seconds; past this the offer is lost in a
-// broken master, and the caller keeps the connection.
-const handOffWait = 10 * time.Second
 
 // Conn is a connection another worker handed over: Read returns the bytes
 // that worker had read but not processed first, then the socket's own.

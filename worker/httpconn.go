@@ -128,7 +128,9 @@ func (c *httpConn) Read(p []byte) (int, error) {
 			c.mu.Unlock()
 			herr := c.h.p.handOffFD(c.Conn, c.h.key, nil, unread)
 			c.mu.Lock()
-			if herr == nil {
+			if herr == nil || errors.Is(herr, ErrHandOffUnknown) {
+				// Handed over, or (the master died holding the offer)
+				// closed unread: either way this server is done with it.
 				c.gone = true
 				c.mu.Unlock()
 				return 0, errHandedOver

@@ -256,6 +256,9 @@ func (c *client) settle(ik handoff.Key, i int, x any) {
 // conn. The result is nil on error.
 func (c *client) ask(ctx context.Context, req *handoff.ListenRequest) (any, error) {
 	r, err := c.request(ctx, &handoff.Message{Type: handoff.TypeListen, Listen: req})
+	if errors.Is(err, errMasterGone) {
+		return nil, errMasterGone // the errno (EPIPE) a listen error carries
+	}
 	if err != nil {
 		return nil, err
 	}

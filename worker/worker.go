@@ -211,6 +211,10 @@ func closeFDs(fds []int) {
 	}
 }
 
+// errUnanswered is wrapped by request's error when the request was sent
+// but no reply came: the master may have acted on it.
+var errUnanswered = errors.New("sent, but the master did not answer")
+
 // request sends m, with fds attached, as the next request and waits for
 // its reply. The caller keeps its fds.
 func (c *client) request(ctx context.Context, m *handoff.Message, fds ...int) (response, error) {
@@ -239,7 +243,7 @@ func (c *client) request(ctx context.Context, m *handoff.Message, fds ...int) (r
 	select {
 	case r, ok := <-ch:
 		if !ok {
-			return response{}, errMasterGone
+			return response{}, fmt.Errorf("%w: %w", errUnanswered, errMasterGone)
 		}
 		return r, nil
 	case <-ctx.Done():
@@ -247,7 +251,7 @@ func (c *client) request(ctx context.Context, m *handoff.Message, fds ...int) (r
 		delete(c.pending, m.Seq)
 		c.mu.Unlock()
 		// A reply that still arrives is closed by readLoop.
-		return response{}, ctx.Err()
+		return response{}, fmt.Errorf("%w: %w", errUnanswered, ctx.Err())
 	}
 }
 

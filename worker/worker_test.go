@@ -28,6 +28,9 @@ type fakeMaster struct {
 	sockets map[handoff.Key]net.Listener
 	ready   int
 	asked   []handoff.Key
+	// dieOnOffer: the master says it relays connections, and dies (closes
+	// its end) when it reads the first offer, before any answer.
+	dieOnOffer bool
 }
 
 // newWorker returns a worker process state of its own, connected to a fake
@@ -72,7 +75,21 @@ func (f *fakeMaster) serve() {
 			syscall.Close(fd)
 		}
 		reply := &handoff.Message{V: handoff.Version, Type: handoff.TypeReply, ReplyTo: msg.Seq}
+		f.mu.Lock()
+		die := f.dieOnOffer
+		f.mu.Unlock()
 		switch msg.Type {
+		case handoff.TypeHello:
+			if die {
+				reply.Features = []string{handoff.FeatureConns}
+			}
+			f.conn.Send(reply)
+		case handoff.TypeHandoff:
+			if die {
+				f.conn.Close()
+				return
+			}
+			f.conn.Send(reply)
 		case handoff.TypeReady:
 			f.mu.Lock()
 			f.ready++
@@ -99,7 +116,7 @@ func (f *fakeMaster) serve() {
 				f.sockets[k] = l
 			}
 			f.mu.Unlock()
-			reply.Network, reply.Address = l.Addr().Network(), l.Addr().String()
+			reply.Network, reply.Address, reply.Key = l.Addr().Network(), l.Addr().String(), k.String()
 			rc, _ := l.(syscall.Conn).SyscallConn()
 			rc.Control(func(fd uintptr) { f.conn.Send(reply, int(fd)) })
 		default:
@@ -377,5 +394,37 @@ func TestMasterGoneDrains(t *testing.T) {
 	}
 	if _, err := listen(p, "tcp", "127.0.0.1:0"); !errors.Is(err, syscall.EPIPE) {
 		t.Fatalf("listen after the master died: %v", err)
+	}
+}
+
+// TestHandOffUnansweredCloses: a master that dies holding an offer may
+// have given the connection to another worker already. HandOff must then
+// close this copy (ErrHandOffUnknown), not hand it back for serving
+// (ErrNotHandedOver), or two workers could answer the same client.
+func TestHandOffUnansweredCloses(t *testing.T) {
+	p, fm := newWorker(t)
+	fm.mu.Lock()
+	fm.dieOnOffer = true
+	fm.mu.Unlock()
+	l, err := listen(p, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	sc, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = p.handOff(sc, []byte("state"), nil)
+	if !errors.Is(err, ErrHandOffUnknown) || errors.Is(err, ErrNotHandedOver) {
+		t.Fatalf("hand-off to a master that died holding it: %v; want ErrHandOffUnknown, not ErrNotHandedOver", err)
+	}
+	if _, err := sc.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("the connection is still open here after an unanswered offer (write: %v)", err)
 	}
 }

@@ -186,9 +186,13 @@ func (s *server) handOff(c net.Conn, br *bufio.Reader, partial []byte, st state)
 		unread = append(unread, rest...)
 	}
 	blob, _ := json.Marshal(st)
-	if err := worker.HandOff(c, blob, unread); err != nil {
+	switch err := worker.HandOff(c, blob, unread); {
+	case errors.Is(err, worker.ErrNotHandedOver):
 		log.Printf("chat: %v", err)
 		fmt.Fprintf(c, "bye gen=%d: the server is restarting\n", s.gen)
 		c.Close()
+	case err != nil:
+		// Closed by HandOff: the master died holding the offer.
+		log.Printf("chat: %v", err)
 	}
 }
