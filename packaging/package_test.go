@@ -625,7 +625,7 @@ func TestDebInstallRunRemove(t *testing.T) {
 		for name, broken := range map[string]string{
 			"missing binary": strings.Replace(string(unit), "ExecStart=/usr/bin/gorolling ", "ExecStart=/usr/bin/gorolling-missing ", 1),
 			"misspelt key":   strings.Replace(string(unit), "[Service]\n", "[Service]\nDrainTimeoutSec=30\n", 1),
-			"bad value":      strings.Replace(string(unit), "KillMode=mixed", "KillMode=gently", 1),
+			"bad value":      strings.Replace(string(unit), "KillMode=control-group", "KillMode=gently", 1),
 		} {
 			if broken == string(unit) {
 				t.Fatalf("%s: the mutation did not apply", name)

@@ -39,7 +39,7 @@ func TestUnitFile(t *testing.T) {
 		"Service.EnvironmentFile":          "/etc/gorolling/%i.conf",
 		"Service.ExecStart":                "/usr/bin/gorolling exec --name %i --fd-store=on $OPTIONS -- $COMMAND",
 		"Service.ExecReload":               "/usr/bin/gorolling upgrade --wait --name %i",
-		"Service.KillMode":                 "mixed",
+		"Service.KillMode":                 "control-group",
 		"Service.Restart":                  "on-failure",
 		"Service.RestartSec":               "100ms",
 		"Service.FileDescriptorStoreMax":   "4096",

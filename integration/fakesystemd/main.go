@@ -5,7 +5,8 @@
 //	fakesystemd [--store-max N] [--watchdog D] [--restart-sec D] -- COMMAND [ARGS...]
 //
 // Like systemd for a Type=notify service with NotifyAccess=main,
-// Restart=on-failure, KillMode=mixed and FileDescriptorStoreMax=N, it
+// Restart=on-failure, KillMode=control-group and FileDescriptorStoreMax=N
+// (the shipped unit), it
 //
 //   - listens on a notify socket ($NOTIFY_SOCKET) and believes only the
 //     main process, which MAINPID= may change;
@@ -15,9 +16,10 @@
 //     FDNAME= drops every one of that name;
 //   - is the subreaper of everything the service starts, as systemd is:
 //     the workers of a master that died are re-parented to it;
-//   - when the main process fails (a non-zero status or a signal), waits
-//     until every process of the service has exited (systemd waits for
-//     the cgroup to empty), then RestartSec, then starts COMMAND again
+//   - when the main process fails (a non-zero status or a signal), sends
+//     SIGTERM to every process of the service left and waits until they
+//     have exited (systemd waits for the cgroup to empty), then
+//     RestartSec, then starts COMMAND again
 //     with the store's descriptors as fds 3, 4, ..., LISTEN_FDS,
 //     LISTEN_FDNAMES, and LISTEN_PID and WATCHDOG_PID set to the new
 //     process's own pid (sh sets them and execs COMMAND in place);
@@ -152,9 +154,12 @@ func (s *supervisor) run() int {
 		failed := code != 0
 		s.barrier()
 		s.event("sd.exit", pid, "status", describe(status), "code", code)
-		// Like systemd, wait for the rest of the service to go: the old
-		// workers drain and exit by themselves; past the stop timeout
-		// they are killed.
+		// Like systemd with the shipped unit's KillMode=control-group:
+		// SIGTERM to the rest of the service (the old workers, which
+		// drain), then wait for it to go; past the stop timeout, SIGKILL.
+		for _, c := range procfs.Children(os.Getpid()) {
+			unix.Kill(c, unix.SIGTERM)
+		}
 		s.waitAll(s.stopAfter)
 		if stopping || !failed {
 			s.mu.Lock()
