@@ -375,6 +375,39 @@ func TestAttackManySocketsSelfUpgrade(t *testing.T) {
 // by one that cannot start. A HUP must still roll the application forward
 // (a workers upgrade), logged with the master's failure; the next HUP does
 // not retry the master until the binary changes again; status shows the
+
+// TestAttackBrokenGorollingBinaryPrivDrop: the packaged setup, workers as
+// nobody with a --listen socket, so that every worker starts through the
+// LISTEN_PID shim, which runs from the gorolling binary. With that binary
+// replaced by a broken one, a HUP still rolls the application (the shim
+// runs from the running master's own file, not the one on disk), and a
+// worker of the new generation that dies is started again.
+func TestAttackBrokenGorollingBinaryPrivDrop(t *testing.T) {
+	requireRoot(t)
+	dir := openDir(t)
+	gr := filepath.Join(dir, "gorolling")
+	replaceFile(t, gr, readFile(t, binPath("gorolling")))
+	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	p := startMaster(t, masterOpts{bin: gr, args: []string{"-w", "2", "--user", "nobody", "--listen", "tcp://" + addr, "--", binPath("example-server"), "-listen", addr}})
+	p.waitServing()
+	replaceFile(t, gr, []byte("#!/bin/sh\necho broken gorolling >&2\nexit 1\n"))
+	if gen := p.upgrade(60 * time.Second); gen != 2 {
+		t.Fatalf("a HUP after a broken gorolling binary: generation %d, want 2", gen)
+	}
+	if _, gen := get(t, addr); gen != 2 {
+		t.Fatalf("generation %d serves after the HUP, want 2", gen)
+	}
+	victims := p.workerPIDs(2)
+	if len(victims) == 0 {
+		t.Fatal("no worker of generation 2")
+	}
+	from := len(p.entries())
+	syscall.Kill(victims[0], syscall.SIGKILL)
+	p.waitLog(30*time.Second, from, "the respawned worker", func(e entry) bool {
+		return e.event() == events.WorkerReady && e.num("generation") == 2
+	})
+}
+
 // failure; and failed tries leak no descriptor.
 func TestAttackBrokenGorollingBinary(t *testing.T) {
 	dir := t.TempDir()

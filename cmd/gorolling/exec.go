@@ -390,7 +390,7 @@ func runExec(args []string, stdout, stderr io.Writer) int {
 		Logger:         d.log,
 		Registry:       d.reg,
 		Placer:         placer,
-		Shim:           []string{shimPath(acct != nil), shimCommand},
+		Shim:           []string{shimPath, shimCommand},
 		ReadyTimer:     readyTimer,
 		Account:        acct,
 		LastGeneration: lastGen,
@@ -502,19 +502,12 @@ func setNofile(n uint64) error {
 }
 
 // shimPath is the binary the workers' shim runs from: this master's own
-// executable, through /proc/self/exe (immune to the file being replaced on
-// disk). Workers that switch to another user may not be allowed to follow
-// that link once they have, so for them it is the executable's path.
-func shimPath(otherUser bool) string {
-	if otherUser {
-		if p, err := os.Executable(); err == nil {
-			if _, err := os.Stat(p); err == nil {
-				return p
-			}
-		}
-	}
-	return "/proc/self/exe"
-}
+// executable, through /proc/self/exe, which the forked child resolves to
+// the master's inode even once the file on disk was replaced (a broken
+// package must not break the respawns and the fallback upgrade of a
+// master that still runs). A child that has switched to another account
+// may follow it too: a process may always look at its own /proc entries.
+const shimPath = "/proc/self/exe"
 
 // workerOutput says how the workers' output reaches the master's stdout
 // and stderr.
