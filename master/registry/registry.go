@@ -218,7 +218,9 @@ func (r *Registry) Acquire(k handoff.Key, slot int) (int, *Socket, error) {
 		if k.Network == "fd" {
 			return -1, nil, &reqError{Errno: unix.EBADF, Msg: fmt.Sprintf("listen fd:%s: the master has no inherited socket on fd %s", k.Address, k.Address)}
 		}
-		if n := r.openedLocked(); r.opt.Max > 0 && n >= r.opt.Max {
+		// Opens in progress count too: the lock is let go while a socket
+		// is opened, and workers asking at once must not overshoot.
+		if n := r.openedLocked() + len(r.opening); r.opt.Max > 0 && n >= r.opt.Max {
 			return -1, nil, &reqError{Errno: unix.ENFILE, Msg: fmt.Sprintf("listen %s: the master already holds %d sockets for workers, the most --max-sockets allows", k, n)}
 		}
 		done := make(chan struct{})

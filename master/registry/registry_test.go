@@ -471,3 +471,33 @@ func nobody(t *testing.T) *account.Account {
 	}
 	return a
 }
+
+// TestRegistryMaxUnderConcurrentOpens: workers asking at once for new
+// sockets cannot take the registry past Max, though the lock is let go
+// while each socket is opened.
+func TestRegistryMaxUnderConcurrentOpens(t *testing.T) {
+	const max, asks = 4, 64
+	r := New(Options{Max: max})
+	defer r.Close(true)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	got := 0
+	for i := 0; i < asks; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			d, _, err := r.Acquire(key(t, "tcp", "127.0.0.1:0", i), 0)
+			if err != nil {
+				return
+			}
+			unix.Close(d)
+			mu.Lock()
+			got++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	if got > max {
+		t.Fatalf("%d sockets opened at once, past Max %d", got, max)
+	}
+}
