@@ -166,6 +166,12 @@ type Manager struct {
 	note          string   // what a running upgrade is doing, for status
 	masterFailure *control.MasterUpgradeFailure
 	failedBinary  *binaryID // automatic upgrades do not retry it
+
+	// resizeMu is held by a master upgrade from before it exports the
+	// worker count until it has failed; replaced is set once one
+	// succeeded. A scale in that window would change this master only.
+	resizeMu sync.Mutex
+	replaced bool
 }
 
 type request struct {
@@ -432,6 +438,21 @@ func (u *Manager) run(at time.Time, kind Kind, fallback bool) Result {
 	return res
 }
 
+// Resize runs scale (a change of the worker count) unless a master upgrade
+// runs or has replaced this master: the successor takes the count this
+// master exports when the upgrade starts, so a change made meanwhile would
+// be lost with this master.
+func (u *Manager) Resize(scale func() error) error {
+	if !u.resizeMu.TryLock() {
+		return errors.New("scale: a master upgrade is running; scale again when it is done")
+	}
+	defer u.resizeMu.Unlock()
+	if u.replaced {
+		return errors.New("scale: this master was replaced; ask the new master")
+	}
+	return scale()
+}
+
 // runMaster re-execs the master (see Self).
 func (u *Manager) runMaster(at time.Time) Result {
 	res := Result{requested: at, kind: Master}
@@ -450,7 +471,10 @@ func (u *Manager) runMaster(at time.Time) Result {
 	u.setNote("starting a new master")
 	lastGen, lastID := u.fl.counters()
 	tried, known := u.cfg.Self.onDisk()
+	u.resizeMu.Lock()
 	pid, err := u.cfg.Self.upgrade(lastGen, lastID, u.setNote)
+	u.replaced = err == nil
+	u.resizeMu.Unlock()
 	res.finished = time.Since(at)
 	if err != nil {
 		res.err = err

@@ -334,3 +334,25 @@ func TestParseKind(t *testing.T) {
 		t.Error("ParseKind accepted a bad kind")
 	}
 }
+
+// TestResizeDuringMasterUpgrade: while a master upgrade holds the worker
+// count it exported, a scale is refused rather than lost with this
+// master; once this master was replaced, too; otherwise it runs.
+func TestResizeDuringMasterUpgrade(t *testing.T) {
+	u := newManager(&fakeFleet{ready: func(int) chan error { return readyAt(nil) }}, Config{})
+	ran := 0
+	scale := func() error { ran++; return nil }
+	if err := u.Resize(scale); err != nil || ran != 1 {
+		t.Fatalf("scale with no master upgrade: %v, ran %d times", err, ran)
+	}
+	u.resizeMu.Lock() // as runMaster holds it around the re-exec
+	err := u.Resize(scale)
+	u.resizeMu.Unlock()
+	if err == nil || !strings.Contains(err.Error(), "master upgrade is running") || ran != 1 {
+		t.Fatalf("scale during a master upgrade: %v, ran %d times; want a refusal", err, ran)
+	}
+	u.replaced = true
+	if err := u.Resize(scale); err == nil || ran != 1 {
+		t.Fatalf("scale after this master was replaced: %v, ran %d times; want a refusal", err, ran)
+	}
+}

@@ -230,7 +230,7 @@ func (d *daemon) signals(sigs <-chan os.Signal) {
 				if sig == syscall.SIGTTOU {
 					n = d.m.Size() - 1
 				}
-				if err := d.m.Scale(n); err != nil {
+				if err := d.mgr.Resize(func() error { return d.m.Scale(n) }); err != nil {
 					d.log.Warn("scale refused", "signal", name, "error", err)
 				}
 			}
@@ -308,7 +308,7 @@ func (d *daemon) Scale(n, delta int) (int, error) {
 	if delta != 0 {
 		n = d.m.Size() + delta
 	}
-	if err := d.m.Scale(n); err != nil {
+	if err := d.mgr.Resize(func() error { return d.m.Scale(n) }); err != nil {
 		return 0, err
 	}
 	return n, nil
