@@ -93,7 +93,10 @@ func (d *daemon) speaksForService() bool {
 func (d *daemon) serveManager(quit <-chan struct{}) {
 	var beat <-chan time.Time
 	if d.watchdog > 0 {
-		t := time.NewTicker(d.watchdog / 2)
+		// A quarter period: across a master upgrade the old master's
+		// last beat and the successor's first (its first tick once it
+		// took over) are then at most half a period apart.
+		t := time.NewTicker(d.watchdog / 4)
 		defer t.Stop()
 		beat = t.C
 		d.beat()
