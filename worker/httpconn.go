@@ -2,11 +2,13 @@ package worker
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -71,6 +73,17 @@ func (l handoffListener) Accept() (net.Conn, error) {
 		return nil, err
 	}
 	return &httpConn{Conn: c, h: l.h, idle: true}, nil
+}
+
+// SyscallConn gives the socket's descriptor, so that a connection the
+// handler hijacked (a WebSocket after its handshake) can be handed over
+// with HandOff.
+func (c *httpConn) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := c.Conn.(syscall.Conn)
+	if !ok {
+		return nil, fmt.Errorf("%T has no descriptor", c.Conn)
+	}
+	return sc.SyscallConn()
 }
 
 // setIdle is called when the server reports the connection idle.

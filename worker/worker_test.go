@@ -31,6 +31,9 @@ type fakeMaster struct {
 	// dieOnOffer: the master says it relays connections, and dies (closes
 	// its end) when it reads the first offer, before any answer.
 	dieOnOffer bool
+	// relays: the master says it relays connections, and takes every
+	// offer.
+	relays bool
 }
 
 // newWorker returns a worker process state of its own, connected to a fake
@@ -76,11 +79,11 @@ func (f *fakeMaster) serve() {
 		}
 		reply := &handoff.Message{V: handoff.Version, Type: handoff.TypeReply, ReplyTo: msg.Seq}
 		f.mu.Lock()
-		die := f.dieOnOffer
+		die, relays := f.dieOnOffer, f.relays
 		f.mu.Unlock()
 		switch msg.Type {
 		case handoff.TypeHello:
-			if die {
+			if die || relays {
 				reply.Features = []string{handoff.FeatureConns}
 			}
 			f.conn.Send(reply)
@@ -426,5 +429,32 @@ func TestHandOffUnansweredCloses(t *testing.T) {
 	}
 	if _, err := sc.Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
 		t.Fatalf("the connection is still open here after an unanswered offer (write: %v)", err)
+	}
+}
+
+// TestHandOffHijacked: a connection ServeHTTP's handler hijacked (a
+// WebSocket after its handshake) reaches the handler wrapped; HandOff can
+// still give its socket to the master.
+func TestHandOffHijacked(t *testing.T) {
+	p, fm := newWorker(t)
+	fm.mu.Lock()
+	fm.relays = true
+	fm.mu.Unlock()
+	l, err := listen(p, "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	client, err := net.Dial("tcp", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	sc, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.handOff(&httpConn{Conn: sc}, []byte("ws state"), nil); err != nil {
+		t.Fatalf("hand-off of a hijacked connection: %v", err)
 	}
 }
