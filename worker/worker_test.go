@@ -409,21 +409,8 @@ func TestHandOffUnansweredCloses(t *testing.T) {
 	fm.mu.Lock()
 	fm.dieOnOffer = true
 	fm.mu.Unlock()
-	l, err := listen(p, "tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	client, err := net.Dial("tcp", l.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer client.Close()
-	sc, err := l.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = p.handOff(sc, []byte("state"), nil)
+	sc := acceptedConn(t, p)
+	err := p.handOff(sc, []byte("state"), nil)
 	if !errors.Is(err, ErrHandOffUnknown) || errors.Is(err, ErrNotHandedOver) {
 		t.Fatalf("hand-off to a master that died holding it: %v; want ErrHandOffUnknown, not ErrNotHandedOver", err)
 	}
@@ -440,21 +427,29 @@ func TestHandOffHijacked(t *testing.T) {
 	fm.mu.Lock()
 	fm.relays = true
 	fm.mu.Unlock()
+	sc := acceptedConn(t, p)
+	if err := p.handOff(&httpConn{Conn: sc}, []byte("ws state"), nil); err != nil {
+		t.Fatalf("hand-off of a hijacked connection: %v", err)
+	}
+}
+
+// acceptedConn returns the server side of a loopback connection accepted
+// from a listener the (fake) master gave p.
+func acceptedConn(t *testing.T, p *proc) net.Conn {
+	t.Helper()
 	l, err := listen(p, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
+	t.Cleanup(func() { l.Close() })
 	client, err := net.Dial("tcp", l.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer client.Close()
+	t.Cleanup(func() { client.Close() })
 	sc, err := l.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.handOff(&httpConn{Conn: sc}, []byte("ws state"), nil); err != nil {
-		t.Fatalf("hand-off of a hijacked connection: %v", err)
-	}
+	return sc
 }
