@@ -28,13 +28,19 @@ type fakeMaster struct {
 	sockets map[handoff.Key]net.Listener
 	ready   int
 	asked   []handoff.Key
-	// dieOnOffer: the master says it relays connections, and dies (closes
-	// its end) when it reads the first offer, before any answer.
-	dieOnOffer bool
-	// relays: the master says it relays connections, and takes every
-	// offer.
-	relays bool
+	// offers says whether the master relays connections, and what it does
+	// with an offer.
+	offers offerMode
 }
+
+// offerMode is what the fake master does with connection offers.
+type offerMode int
+
+const (
+	noRelay    offerMode = iota // the master does not relay connections
+	takeOffers                  // it relays, and takes every offer
+	dieOnOffer                  // it relays, and dies holding the first offer
+)
 
 // newWorker returns a worker process state of its own, connected to a fake
 // master over a real handoff channel: tests share nothing.
@@ -79,16 +85,16 @@ func (f *fakeMaster) serve() {
 		}
 		reply := &handoff.Message{V: handoff.Version, Type: handoff.TypeReply, ReplyTo: msg.Seq}
 		f.mu.Lock()
-		die, relays := f.dieOnOffer, f.relays
+		offers := f.offers
 		f.mu.Unlock()
 		switch msg.Type {
 		case handoff.TypeHello:
-			if die || relays {
+			if offers != noRelay {
 				reply.Features = []string{handoff.FeatureConns}
 			}
 			f.conn.Send(reply)
 		case handoff.TypeHandoff:
-			if die {
+			if offers == dieOnOffer {
 				f.conn.Close()
 				return
 			}
@@ -405,11 +411,7 @@ func TestMasterGoneDrains(t *testing.T) {
 // close this copy (ErrHandOffUnknown), not hand it back for serving
 // (ErrNotHandedOver), or two workers could answer the same client.
 func TestHandOffUnansweredCloses(t *testing.T) {
-	p, fm := newWorker(t)
-	fm.mu.Lock()
-	fm.dieOnOffer = true
-	fm.mu.Unlock()
-	sc := acceptedConn(t, p)
+	p, sc := handOffWorker(t, dieOnOffer)
 	err := p.handOff(sc, []byte("state"), nil)
 	if !errors.Is(err, ErrHandOffUnknown) || errors.Is(err, ErrNotHandedOver) {
 		t.Fatalf("hand-off to a master that died holding it: %v; want ErrHandOffUnknown, not ErrNotHandedOver", err)
@@ -423,20 +425,21 @@ func TestHandOffUnansweredCloses(t *testing.T) {
 // WebSocket after its handshake) reaches the handler wrapped; HandOff can
 // still give its socket to the master.
 func TestHandOffHijacked(t *testing.T) {
-	p, fm := newWorker(t)
-	fm.mu.Lock()
-	fm.relays = true
-	fm.mu.Unlock()
-	sc := acceptedConn(t, p)
+	p, sc := handOffWorker(t, takeOffers)
 	if err := p.handOff(&httpConn{Conn: sc}, []byte("ws state"), nil); err != nil {
 		t.Fatalf("hand-off of a hijacked connection: %v", err)
 	}
 }
 
-// acceptedConn returns the server side of a loopback connection accepted
-// from a listener the (fake) master gave p.
-func acceptedConn(t *testing.T, p *proc) net.Conn {
+// handOffWorker returns a worker whose fake master treats offers as mode
+// says, and the server side of a loopback connection accepted from a
+// listener that master gave it.
+func handOffWorker(t *testing.T, mode offerMode) (*proc, net.Conn) {
 	t.Helper()
+	p, fm := newWorker(t)
+	fm.mu.Lock()
+	fm.offers = mode
+	fm.mu.Unlock()
 	l, err := listen(p, "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -451,5 +454,5 @@ func acceptedConn(t *testing.T, p *proc) net.Conn {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return sc
+	return p, sc
 }
